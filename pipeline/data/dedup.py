@@ -1,0 +1,96 @@
+"""Exact duplicate removal across the whole corpus, on Ray Data, in bounded memory.
+
+1. Index: every shard writes (hash, corpus order, shard, key) for the samples that pass the
+   decode-free checks (``screen.py``).
+2. Find later copies: the index rows are hash-partitioned so that all copies of one content
+   land in one block; within a block, every row but the earliest of its hash is a duplicate.
+   Duplicates are written as Parquet partitioned by shard, then marked complete.
+3. Each shard processor reads only its own partition.
+
+The result depends only on the corpus and the spec, so a resumed run drops exactly the same
+copies as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.data.screen import ShardReadInfo, content_hash, screen_shard
+from pipeline.data.shards import WORK_DIR, ShardTask, global_order
+from pipeline.io.storage import Location, atomic_write, exists, write_bytes_atomic
+from pipeline.spec.prep import FilterSpec
+
+INDEX_SCHEMA = pa.schema(
+    [("hash", pa.string()), ("order", pa.int64()), ("shard", pa.string()), ("key", pa.string())]
+)
+_SUCCESS = "_SUCCESS"
+
+
+def duplicates_dir(output_dir: Location) -> Location:
+    return output_dir.child(WORK_DIR, "duplicates")
+
+
+def index_shard(task: ShardTask, filters: FilterSpec) -> int:
+    """Write the content-hash index of one shard; returns the number of indexed samples."""
+    rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
+    try:
+        for sample in screen_shard(task.source, filters, ShardReadInfo()):
+            if sample.drop is not None:
+                continue
+            rows["hash"].append(content_hash(sample.raw.image, sample.caption, filters.dedup))
+            rows["order"].append(global_order(task.ordinal, sample.raw.order))
+            rows["shard"].append(task.name)
+            rows["key"].append(sample.raw.key)
+    except tarfile.ReadError:  # not a tar at all: the shard processor reports it
+        rows = {name: [] for name in INDEX_SCHEMA.names}
+    with atomic_write(task.index) as handle:
+        pq.write_table(pa.table(rows, schema=INDEX_SCHEMA), handle)
+    return len(rows["key"])
+
+
+def later_copies(block: pa.Table) -> pa.Table:
+    """Rows of ``block`` whose hash already occurred earlier in corpus order."""
+    if block.num_rows == 0:
+        return pa.table({"shard": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+    ordered = block.sort_by([("hash", "ascending"), ("order", "ascending")])
+    hashes = ordered.column("hash")
+    previous = pa.concat_arrays([pa.array([None], pa.string()), hashes.combine_chunks()[:-1]])
+    is_copy = pc.fill_null(pc.equal(hashes, previous), False)
+    return ordered.filter(is_copy).select(["shard", "key"])
+
+
+def find_duplicates(tasks: list[ShardTask], output_dir: Location, partitions: int) -> None:
+    """Write every later copy's (shard, key) under the duplicates folder, then mark it done."""
+    import ray.data
+
+    target = duplicates_dir(output_dir)
+    fs, path = target.filesystem()
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    pafs = output_dir.pyarrow_filesystem()
+    index_paths = [task.index.filesystem()[1] for task in tasks]
+    index = ray.data.read_parquet(index_paths, filesystem=pafs, partitioning=None)
+    copies = index.repartition(partitions, keys=["hash"]).map_batches(
+        later_copies, batch_size=None, batch_format="pyarrow"
+    )
+    copies.write_parquet(path, filesystem=pafs, partition_cols=["shard"])
+    write_bytes_atomic(target.child(_SUCCESS), b"")
+
+
+def duplicates_ready(output_dir: Location) -> bool:
+    return exists(duplicates_dir(output_dir).child(_SUCCESS))
+
+
+def load_duplicate_keys(output_dir: Location, shard_name: str) -> set[str]:
+    """Keys of ``shard_name`` that are later copies of an earlier sample."""
+    partition = duplicates_dir(output_dir).child(f"shard={shard_name}")
+    fs, path = partition.filesystem()
+    if not fs.exists(path):
+        return set()
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["key"])
+    return set(table.column("key").to_pylist())

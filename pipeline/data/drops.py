@@ -1,0 +1,42 @@
+"""Why a sample was dropped. Every drop is counted under one of these reasons."""
+
+from __future__ import annotations
+
+from collections import Counter
+from enum import Enum
+
+
+class Drop(str, Enum):
+    """Drop reasons, in the order the checks run."""
+
+    TRUNCATED_TAR = "truncated_tar"
+    """The tar ends (or breaks) inside this sample's members."""
+    DUPLICATE_MEMBER = "duplicate_member"
+    """The same member name appears twice in one shard."""
+    MISSING_IMAGE = "missing_image"
+    """No .jpg/.jpeg/.png/.webp member."""
+    MISSING_CAPTION = "missing_caption"
+    """No .txt member."""
+    CAPTION_NOT_UTF8 = "caption_not_utf8"
+    METADATA_INVALID = "metadata_invalid"
+    """The optional .json member is not a JSON object."""
+    CAPTION_TOO_SHORT = "caption_too_short"
+    CAPTION_TOO_LONG = "caption_too_long"
+    CAPTION_TOO_FEW_WORDS = "caption_too_few_words"
+    CAPTION_TOO_MANY_WORDS = "caption_too_many_words"
+    CAPTION_BLOCKLISTED = "caption_blocklisted"
+    DUPLICATE = "duplicate"
+    """Same content (image, or image + caption) as an earlier sample of the corpus."""
+    IMAGE_EMPTY = "image_empty"
+    IMAGE_CORRUPT = "image_corrupt"
+    IMAGE_TOO_MANY_PIXELS = "image_too_many_pixels"
+    IMAGE_TOO_SMALL = "image_too_small"
+    IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+
+
+def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
+    """Sum drop counters, keeping only non-zero reasons, sorted by name."""
+    total: Counter = Counter()
+    for count in counts:
+        total.update(count)
+    return {reason: n for reason, n in sorted(total.items()) if n}

@@ -1,0 +1,103 @@
+"""Image checks and the training transform: decode, resize, centre-crop, re-encode as JPEG."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from pipeline.data.drops import Drop
+from pipeline.spec.prep import FilterSpec, ImageSpec
+
+# Our own max_pixels check runs on the header before any decoding; PIL's global guard would
+# only duplicate it with a warning or an exception of its own.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass
+class ProcessedImage:
+    jpeg: bytes
+    original_width: int
+    original_height: int
+
+
+class ImageTransform:
+    """Checks an encoded image against the filters and turns it into a square JPEG."""
+
+    def __init__(self, filters: FilterSpec, spec: ImageSpec):
+        self.filters = filters
+        self.spec = spec
+
+    def process(self, data: bytes) -> ProcessedImage | Drop:
+        """The processed image, or the reason the sample is dropped."""
+        if not data:
+            return Drop.IMAGE_EMPTY
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            return Drop.IMAGE_CORRUPT
+        width, height = image.size
+        drop = self._check_geometry(width, height)
+        if drop is not None:
+            return drop
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                jpeg = self._transform(image)
+        except (OSError, ValueError, SyntaxError, EOFError):
+            return Drop.IMAGE_CORRUPT
+        return ProcessedImage(jpeg, width, height)
+
+    def _check_geometry(self, width: int, height: int) -> Drop | None:
+        filters = self.filters
+        if width * height > filters.max_pixels:
+            return Drop.IMAGE_TOO_MANY_PIXELS
+        if min(width, height) < filters.min_side:
+            return Drop.IMAGE_TOO_SMALL
+        if max(width, height) / min(width, height) > filters.max_aspect_ratio:
+            return Drop.IMAGE_ASPECT_RATIO
+        return None
+
+    def _transform(self, image: Image.Image) -> bytes:
+        size = self.spec.size
+        if self.spec.reduced_decode and image.format == "JPEG":
+            # draft() picks the largest DCT scale-down that keeps both sides >= the request.
+            scale = size / min(image.size)
+            image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        image = resize_shorter_side(image, size)
+        image = center_crop(image, size)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=self.spec.jpeg_quality)
+        return out.getvalue()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited onto white rather than onto black."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Scale so that the shorter side is ``size`` (bicubic), keeping the aspect ratio."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The central ``size`` x ``size`` square."""
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))

@@ -1,0 +1,142 @@
+"""Process one input shard into one training-ready Parquet shard plus its stats file.
+
+Runs inside a Ray Data actor (tokenizers load once per actor). Samples stream through
+read -> screen -> dedup -> image transform -> batched tokenization -> Parquet row groups, so
+memory holds one row group, never a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.dedup import load_duplicate_keys
+from pipeline.data.drops import Drop
+from pipeline.data.images import ImageTransform, ProcessedImage
+from pipeline.data.output_format import fixed_list, output_schema
+from pipeline.data.screen import ScreenedSample, ShardReadInfo, screen_shard
+from pipeline.data.shards import ShardTask
+from pipeline.data.tokenize import CaptionTokenizer
+from pipeline.io.storage import atomic_write, write_bytes_atomic
+from pipeline.spec.prep import PrepSpec
+
+
+class ShardProcessor:
+    """Turns input shards into output shards; one instance per Ray Data actor."""
+
+    def __init__(self, spec: PrepSpec):
+        self.spec = spec
+        self.images = ImageTransform(spec.filters, spec.image)
+        self.qformer = CaptionTokenizer(spec.tokenizers.qformer, append_eos=False)
+        llm = spec.tokenizers.llm
+        self.llm = CaptionTokenizer(llm, append_eos=True) if llm is not None else None
+        self.schema = output_schema(
+            spec.tokenizers.qformer.max_length, llm.max_length if llm is not None else None
+        )
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data entry point: a batch of shard tasks in, one stats row per shard out."""
+        stats = [self.process(ShardTask.from_json(task)) for task in batch["task"]]
+        return {"stats": [json.dumps(s) for s in stats]}
+
+    def tokenizer_info(self) -> dict:
+        info = {"qformer": _tokenizer_info(self.qformer)}
+        if self.llm is not None:
+            info["llm"] = _tokenizer_info(self.llm)
+        return info
+
+    def process(self, task: ShardTask) -> dict:
+        """Write ``task``'s output shard, then its stats file; returns the stats."""
+        started = time.monotonic()
+        duplicates = (
+            load_duplicate_keys(task.output_dir, task.name)
+            if self.spec.filters.dedup != "none"
+            else set()
+        )
+        drops: Counter = Counter()
+        info = ShardReadInfo()
+        samples_in = samples_out = 0
+        error = None
+        try:
+            with atomic_write(task.output) as handle:
+                writer = pq.ParquetWriter(handle, self.schema, compression="zstd")
+                pending: list[tuple[ScreenedSample, ProcessedImage]] = []
+                for sample in screen_shard(task.source, self.spec.filters, info):
+                    samples_in += 1
+                    outcome = self._image_outcome(sample, duplicates)
+                    if isinstance(outcome, Drop):
+                        drops[outcome.value] += 1
+                        continue
+                    pending.append((sample, outcome))
+                    if len(pending) >= self.spec.execution.rows_per_row_group:
+                        samples_out += self._write(writer, task, pending)
+                        pending = []
+                if pending:
+                    samples_out += self._write(writer, task, pending)
+                writer.close()
+        except tarfile.ReadError as err:
+            error = f"unreadable shard: {err}"
+        stats = {
+            "shard": task.name,
+            "input": task.source.url,
+            "output": task.output.url if error is None else None,
+            "samples_in": samples_in,
+            "samples_out": samples_out,
+            "drops": dict(sorted(drops.items())),
+            "truncated": info.truncated,
+            "unordered": info.unordered,
+            "error": error,
+            "tokenizers": self.tokenizer_info(),
+            "wall_time_s": round(time.monotonic() - started, 3),
+        }
+        write_bytes_atomic(task.stats, json.dumps(stats, indent=1).encode())
+        return stats
+
+    def _image_outcome(self, sample: ScreenedSample, duplicates: set[str]):
+        if sample.drop is not None:
+            return sample.drop
+        if sample.raw.key in duplicates:
+            return Drop.DUPLICATE
+        return self.images.process(sample.raw.image)
+
+    def _write(self, writer, task: ShardTask, rows: list[tuple[ScreenedSample, ProcessedImage]]):
+        captions = [sample.caption for sample, _ in rows]
+        columns = {
+            "key": [sample.raw.key for sample, _ in rows],
+            "source": [task.source.url] * len(rows),
+            "caption": captions,
+            "image": [image.jpeg for _, image in rows],
+            "original_width": [image.original_width for _, image in rows],
+            "original_height": [image.original_height for _, image in rows],
+            "metadata": [json.dumps(sample.raw.metadata) for sample, _ in rows],
+        }
+        for prefix, tokenizer in (("qformer", self.qformer), ("llm", self.llm)):
+            if tokenizer is None:
+                continue
+            ids, mask = self._tokenize(tokenizer, captions)
+            length = tokenizer.spec.max_length
+            columns[f"{prefix}_input_ids"] = fixed_list(ids, length, pa.int32())
+            columns[f"{prefix}_attention_mask"] = fixed_list(mask, length, pa.int8())
+        writer.write_table(pa.table(columns, schema=self.schema))
+        return len(rows)
+
+    def _tokenize(self, tokenizer: CaptionTokenizer, captions: list[str]):
+        step = self.spec.execution.tokenize_batch_size
+        batches = [tokenizer(captions[i : i + step]) for i in range(0, len(captions), step)]
+        ids = np.concatenate([b.input_ids for b in batches])  # (N, L)
+        mask = np.concatenate([b.attention_mask for b in batches])  # (N, L)
+        return ids, mask
+
+
+def _tokenizer_info(tokenizer: CaptionTokenizer) -> dict:
+    return {
+        "name": tokenizer.spec.name,
+        "vocab_size": tokenizer.vocab_size,
+        "max_length": tokenizer.spec.max_length,
+    }

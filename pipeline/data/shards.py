@@ -1,0 +1,86 @@
+"""The unit of work: one input shard, and the files derived from it in the output folder.
+
+Output layout (``OUT`` is the spec's output folder)::
+
+    OUT/{name}.parquet        training-ready samples of input shard {name}
+    OUT/{name}.stats.json     its counts; written last, so it marks the shard complete
+    OUT/manifest.json         the whole run
+    OUT/_work/plan.json       inputs + spec fingerprint (a re-run must match it)
+    OUT/_work/index/{name}.parquet   content hashes for corpus-wide dedup
+    OUT/_work/duplicates/     (shard, key) of every later copy; _SUCCESS when complete
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import asdict, dataclass
+
+from pipeline.io.storage import Location
+
+STATS_SUFFIX = ".stats.json"
+SHARD_SUFFIX = ".parquet"
+WORK_DIR = "_work"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """An input shard, its position in corpus order, and its output name."""
+
+    name: str
+    ordinal: int
+    source: Location
+    output_dir: Location
+
+    @property
+    def output(self) -> Location:
+        return self.output_dir.child(self.name + SHARD_SUFFIX)
+
+    @property
+    def stats(self) -> Location:
+        return self.output_dir.child(self.name + STATS_SUFFIX)
+
+    @property
+    def index(self) -> Location:
+        return self.output_dir.child(WORK_DIR, "index", self.name + SHARD_SUFFIX)
+
+    def to_json(self) -> str:
+        """The task as one string column value for a Ray Data dataset."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardTask":
+        task = json.loads(text)
+        return cls(
+            name=task["name"],
+            ordinal=int(task["ordinal"]),
+            source=Location(**task["source"]),
+            output_dir=Location(**task["output_dir"]),
+        )
+
+
+def plan_tasks(sources: list[Location], output_dir: Location) -> list[ShardTask]:
+    """Name each shard after its input file; if two inputs share a name, number them all."""
+    stems = [_stem(source.url) for source in sources]
+    if len(set(stems)) != len(stems):
+        width = max(5, len(str(len(stems))))
+        stems = [f"{i:0{width}d}_{stem}" for i, stem in enumerate(stems)]
+    return [
+        ShardTask(name, ordinal, source, output_dir)
+        for ordinal, (name, source) in enumerate(zip(stems, sources))
+    ]
+
+
+def _stem(url: str) -> str:
+    base = posixpath.basename(url)
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base) or "shard"
+
+
+def global_order(ordinal: int, order_in_shard: int) -> int:
+    """Corpus order of a sample: shard ordinal, then position in the shard."""
+    return (ordinal << 32) | order_in_shard
