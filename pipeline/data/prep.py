@@ -64,8 +64,17 @@ def _claim_output(output_dir: Location, spec: PrepSpec, tasks: list[ShardTask]) 
                 f"{output_dir.url} holds the output of a different prep spec or input list; "
                 "use another output folder, or delete it to start over"
             )
+        _remove_partial_files(output_dir)
         return
     write_bytes_atomic(marker, json.dumps(plan, indent=1).encode())
+
+
+def _remove_partial_files(output_dir: Location) -> None:
+    """Delete what a killed run left half-written (never read, but it takes space)."""
+    fs, path = output_dir.filesystem()
+    for pattern in ("*.tmp-*", f"{WORK_DIR}/index/*.tmp-*"):
+        for leftover in fs.glob(f"{path}/{pattern}"):
+            fs.rm(leftover)
 
 
 def _fingerprint(spec: PrepSpec, tasks: list[ShardTask]) -> str:

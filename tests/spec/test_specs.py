@@ -1,0 +1,148 @@
+"""Job specs: typed validation with field paths, overrides, and every shipped YAML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.spec import JobSpec, SpecError, load_spec
+from tests.conftest import REPO
+
+JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
+
+MINIMAL = {
+    "prep": {
+        "inputs": ["shards/{00000..00009}.tar"],
+        "output": "out",
+        "tokenizers": {"qformer": {"name": "bert-base-uncased"}},
+    }
+}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _with(path: str, value) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("job", JOB_FILES, ids=[p.name for p in JOB_FILES])
+def test_every_shipped_job_spec_validates(job):
+    spec = load_spec(job, JobSpec)
+    assert spec.prep is not None or spec.model_dump(exclude_none=True)
+
+
+def test_shipped_job_specs_comment_every_key():
+    """Every key has a comment on its line or on the line above (section headings excepted)."""
+    for job in JOB_FILES:
+        previous = ""
+        for number, line in enumerate(job.read_text().splitlines(), 1):
+            stripped = line.strip()
+            is_key = stripped and not stripped.startswith(("#", "- ")) and not stripped.endswith(":")
+            if is_key:
+                commented = "#" in line or previous.startswith("#")
+                assert commented, f"{job.name}:{number}: key without a comment: {stripped}"
+            if stripped:
+                previous = stripped
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prep.filters.min_side", -3, "prep.filters.min_side: Input should be greater than or equal to 1"),
+        ("prep.filters.colour", 3, "prep.filters.colour: unknown field"),
+        ("prep.image.size", "large", "prep.image.size: Input should be a valid integer"),
+        ("prep.filters.dedup", "fuzzy", "prep.filters.dedup: Input should be 'none', 'image' or 'image_caption'"),
+        ("prep.filters.blocklist", ["(unclosed"], "prep.filters.blocklist"),
+        ("prep.tokenizers.qformer.max_length", 0, "prep.tokenizers.qformer.max_length"),
+        ("prep.inputs", [], "prep.inputs: List should have at least 1 item"),
+    ],
+)
+def test_bad_fields_are_named(tmp_path, field, value, message):
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, _with(field, value)), JobSpec)
+    assert message in str(err.value)
+
+
+def test_missing_required_field_is_named(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    del data["prep"]["tokenizers"]
+    with pytest.raises(SpecError, match=r"prep\.tokenizers: required field is missing"):
+        load_spec(_write(tmp_path, data), JobSpec)
+
+
+def test_impossible_ranges_are_rejected(tmp_path):
+    data = _with("prep.filters.min_caption_words", 10)
+    data["prep"]["filters"]["max_caption_words"] = 3
+    with pytest.raises(SpecError, match="min_caption_words must be <= max_caption_words"):
+        load_spec(_write(tmp_path, data), JobSpec)
+
+
+def test_empty_spec_and_non_mapping_are_rejected(tmp_path):
+    with pytest.raises(SpecError, match="at least one section"):
+        load_spec(_write(tmp_path, {}), JobSpec)
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="top level must be a mapping"):
+        load_spec(path, JobSpec)
+
+
+def test_overrides_set_nested_fields_and_are_validated(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    spec = load_spec(path, JobSpec, ["prep.filters.min_side=64", "prep.image.size=96",
+                                      "prep.filters.blocklist=[spam, '(?i)ads']"])
+    assert spec.prep.filters.min_side == 64 and spec.prep.image.size == 96
+    assert spec.prep.filters.blocklist == ["spam", "(?i)ads"]
+    with pytest.raises(SpecError, match="prep.filters.min_side"):
+        load_spec(path, JobSpec, ["prep.filters.min_side=0"])
+    with pytest.raises(SpecError, match="expected FIELD.PATH=VALUE"):
+        load_spec(path, JobSpec, ["prep.filters.min_side"])
+
+
+def test_specs_are_immutable():
+    spec = JobSpec.model_validate(MINIMAL)
+    with pytest.raises(Exception):
+        spec.prep.image.size = 10
+
+
+def test_validate_command_exit_codes(tmp_path, capsys):
+    assert main(["validate", str(_write(tmp_path, MINIMAL))]) == 0
+    assert main(["validate", str(_write(tmp_path, _with("prep.filters.min_side", -1)))]) == 2
+    assert "prep.filters.min_side" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_prep_with_bad_spec_exits_2_before_any_ray_work(tmp_path):
+    bad = _write(tmp_path, _with("prep.image.jpeg_quality", 101))
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prep", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "prep.image.jpeg_quality: Input should be less than or equal to 100" in result.stderr
+    assert "Traceback" not in result.stderr and "ray" not in result.stderr.lower()
+    assert time.monotonic() - started < 30
+
+
+def test_prep_with_missing_inputs_exits_2(tmp_path):
+    spec = _write(tmp_path, _with("prep.inputs", [str(tmp_path / "nothing-{0..3}.tar")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prep", str(spec)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "matches no file" in result.stderr and "Traceback" not in result.stderr
