@@ -64,22 +64,49 @@ def later_copies(block: pa.Table) -> pa.Table:
     return ordered.filter(is_copy).select(["shard", "key"])
 
 
-def find_duplicates(tasks: list[ShardTask], output_dir: Location, partitions: int) -> None:
-    """Write every later copy's (shard, key) under the duplicates folder, then mark it done."""
-    import ray.data
+def find_duplicates(
+    tasks: list[ShardTask], output_dir: Location, partitions: int, driver_max_rows: int
+) -> None:
+    """Write every later copy's (shard, key) under the duplicates folder, then mark it done.
 
+    Indexes of up to ``driver_max_rows`` rows in all are deduplicated in this process (a few
+    hundred MB at most, and no shuffle start-up cost); larger ones by a Ray Data hash shuffle
+    whose blocks each hold 1/``partitions`` of the index.
+    """
     target = duplicates_dir(output_dir)
     fs, path = target.filesystem()
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    pafs = output_dir.pyarrow_filesystem()
     index_paths = [task.index.filesystem()[1] for task in tasks]
+    if driver_max_rows and _count_rows(index_paths, output_dir) <= driver_max_rows:
+        _find_in_driver(index_paths, output_dir, path)
+    else:
+        _find_with_shuffle(index_paths, output_dir, path, partitions)
+    write_bytes_atomic(target.child(_SUCCESS), b"")
+
+
+def _count_rows(index_paths: list[str], output_dir: Location) -> int:
+    pafs = output_dir.pyarrow_filesystem()
+    return sum(pq.read_metadata(path, filesystem=pafs).num_rows for path in index_paths)
+
+
+def _find_in_driver(index_paths: list[str], output_dir: Location, path: str) -> None:
+    pafs = output_dir.pyarrow_filesystem()
+    index = pa.concat_tables(pq.read_table(p, filesystem=pafs) for p in index_paths)
+    copies = later_copies(index)
+    if copies.num_rows:
+        pq.write_to_dataset(copies, path, partition_cols=["shard"], filesystem=pafs)
+
+
+def _find_with_shuffle(index_paths: list[str], output_dir: Location, path: str, partitions: int):
+    import ray.data
+
+    pafs = output_dir.pyarrow_filesystem()
     index = ray.data.read_parquet(index_paths, filesystem=pafs, partitioning=None)
     copies = index.repartition(partitions, keys=["hash"]).map_batches(
         later_copies, batch_size=None, batch_format="pyarrow"
     )
     copies.write_parquet(path, filesystem=pafs, partition_cols=["shard"])
-    write_bytes_atomic(target.child(_SUCCESS), b"")
 
 
 def duplicates_ready(output_dir: Location) -> bool:

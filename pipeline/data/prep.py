@@ -98,7 +98,12 @@ def run_prep(spec: PrepSpec, ray_address: str | None = None) -> dict:
     if todo and spec.filters.dedup != "none" and not dedup.duplicates_ready(plan.output_dir):
         _index_corpus(plan, workers)
         log.info("prep: finding duplicates across the corpus")
-        dedup.find_duplicates(plan.tasks, plan.output_dir, spec.execution.dedup_partitions)
+        dedup.find_duplicates(
+            plan.tasks,
+            plan.output_dir,
+            spec.execution.dedup_partitions,
+            spec.execution.dedup_driver_max_rows,
+        )
     processed = _process_shards(plan, todo, workers, started)
     manifest = _manifest(plan, processed, time.monotonic() - started)
     write_bytes_atomic(plan.output_dir.child("manifest.json"), json.dumps(manifest, indent=1).encode())

@@ -106,7 +106,10 @@ class PrepExecutionSpec(SpecModel):
     rows_per_row_group: int = Field(256, ge=1)
     """Parquet row-group size of the output shards (the unit training reads)."""
     dedup_partitions: int = Field(16, ge=1)
-    """Hash partitions used to find duplicates across the corpus."""
+    """Hash partitions of the distributed duplicate search (large corpora)."""
+    dedup_driver_max_rows: int = Field(2_000_000, ge=0)
+    """Corpora with at most this many indexed samples are deduplicated in the driver process
+    (about 100 bytes a sample), skipping the shuffle's start-up; 0 always shuffles."""
 
 
 class PrepSpec(SpecModel):

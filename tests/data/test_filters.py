@@ -102,3 +102,28 @@ def test_later_copies_keeps_the_earliest_in_corpus_order():
         "key": ["k5", "k1", "k2", "k7", "k9", "k0"],
     })
     assert sorted(later_copies(block).column("key").to_pylist()) == ["k1", "k5", "k9"]
+
+
+def test_driver_and_shuffle_dedup_find_the_same_copies(ray_2cpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.dedup import find_duplicates, load_duplicate_keys
+    from pipeline.data.shards import plan_tasks
+    from pipeline.io.storage import Location
+
+    sources = [Location.of(str(tmp_path / f"{i}.tar")) for i in range(3)]
+    results = []
+    for driver_max_rows in (0, 1000):
+        out = Location.of(str(tmp_path / f"out{driver_max_rows}"))
+        tasks = plan_tasks(sources, out)
+        for task in tasks:
+            hashes = [f"h{(task.ordinal * 5 + i) % 7}" for i in range(5)]
+            rows = {"hash": hashes, "order": [(task.ordinal << 32) | i for i in range(5)],
+                    "shard": [task.name] * 5, "key": [f"k{i}" for i in range(5)]}
+            (tmp_path / f"out{driver_max_rows}" / "_work" / "index").mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table(rows), task.index.url)
+        find_duplicates(tasks, out, partitions=3, driver_max_rows=driver_max_rows)
+        results.append({task.name: load_duplicate_keys(out, task.name) for task in tasks})
+    # 15 samples over 7 hashes: the first 7 in corpus order are kept.
+    assert results[0] == results[1] == {"0": set(), "1": {"k2", "k3", "k4"}, "2": {"k0", "k1", "k2", "k3", "k4"}}

