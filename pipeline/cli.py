@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     prep.set_defaults(handler=_prep)
 
+    train = commands.add_parser("train", help="run (or resume) a staged pretraining job")
+    _spec_arguments(train)
+    train.set_defaults(handler=_train)
+
     demo = commands.add_parser("demo-corpus", help="write the easy-VQA demo corpus as shards")
     demo.add_argument("out", help="output folder (local or s3://)")
     demo.add_argument("--samples", type=_positive_int, default=None)
@@ -112,6 +116,25 @@ def _prep(args) -> int:
         f"{run['samples_per_s']} samples/s; manifest: {spec.prep.output}/manifest.json"
     )
     return EXIT_FAILED if manifest["failed_shards"] else 0
+
+
+def _train(args) -> int:
+    from pipeline.train.run import TrainError, run_training
+
+    spec = _load(args)
+    if not spec.is_training:
+        raise SpecError(f"{args.spec}: run: this job spec has no training sections")
+    try:
+        summary = run_training(spec)
+    except TrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for stage in summary["stages"]:
+        losses = {k: round(v, 4) for k, v in (stage.get("final_metrics") or {}).items() if k.startswith("loss")}
+        print(f"stage {stage['stage']}: {stage['step']} steps, {stage['samples_seen']} samples, "
+              f"final {losses}; plot {stage['plot']}")
+    print(f"run folder: {summary['run']}")
+    return 0
 
 
 def _demo_corpus(args) -> int:

@@ -4,18 +4,50 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
+from pipeline.model.config import ModelSpec
 from pipeline.spec.base import SpecModel
 from pipeline.spec.prep import PrepSpec
+from pipeline.spec.train import DataSpec, DeepSpeedSpec, RunSpec, ScalingSpec, StageSpec
 
 
 class JobSpec(SpecModel):
-    """A job YAML. Each command reads the section it runs (``qformer prep`` reads ``prep``)."""
+    """A job YAML. ``qformer prep`` runs its ``prep`` section; ``qformer train`` its run, scaling,
+    model, data, deepspeed and stages sections."""
 
     prep: PrepSpec | None = None
     """The preprocessing job."""
+    run: RunSpec | None = None
+    """Name and storage of a training run."""
+    scaling: ScalingSpec = ScalingSpec()
+    """Ray Train workers."""
+    model: ModelSpec = ModelSpec()
+    """The BLIP-2 model."""
+    data: DataSpec | None = None
+    """Training data."""
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    """DeepSpeed engine settings."""
+    stages: list[StageSpec] = []
+    """The curriculum, run in order."""
+
+    @property
+    def is_training(self) -> bool:
+        return self.run is not None
 
     @model_validator(mode="after")
-    def _has_a_section(self) -> "JobSpec":
-        if self.prep is None:
-            raise ValueError("a job spec needs at least one section (prep)")
+    def _sections(self) -> "JobSpec":
+        training = [self.run is not None, self.data is not None, bool(self.stages)]
+        if self.prep is None and not any(training):
+            raise ValueError("a job spec needs a prep section or a training job (run, data, stages)")
+        if any(training) and not all(training):
+            missing = [n for n, present in zip(("run", "data", "stages"), training) if not present]
+            raise ValueError(f"a training job needs run, data and stages; missing: {', '.join(missing)}")
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError("stages: stage names must be unique")
+        for index, stage in enumerate(self.stages):
+            source = stage.init_from
+            if source and "/" not in source and source not in names[:index]:
+                raise ValueError(
+                    f"stages.{index}.init_from: {source!r} is neither an earlier stage nor a path"
+                )
         return self

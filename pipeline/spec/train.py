@@ -1,0 +1,166 @@
+"""Typed spec of a training job: the run, scaling, data, DeepSpeed settings and stages.
+
+The model section is :class:`pipeline.model.config.ModelSpec`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.spec.base import SpecModel
+from pipeline.spec.prep import PrepSpec, StorageSpec
+
+STAGE1_LOSSES = frozenset({"itc", "itm", "itg"})
+STAGE2_LOSSES = frozenset({"lm"})
+
+
+class RunSpec(SpecModel):
+    """Where a run lives. Running the same job again (same name and storage) resumes it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    """Run name: the folder under ``storage`` that holds checkpoints, metrics and plots."""
+    storage: str = "runs"
+    """Local folder (shared, e.g. NFS, on multi-node clusters) or ``s3://bucket/prefix``."""
+    storage_options: StorageSpec = StorageSpec()
+    """Endpoint/region/profile for ``s3://`` storage; credentials come from the environment."""
+    ray_address: str | None = None
+    """Ray cluster to run on; None joins ``$RAY_ADDRESS`` or starts a local embedded Ray."""
+    seed: int = Field(0, ge=0)
+    """Seeds model init, data order, augmentation, dropout and ITM negatives (all per step, so a
+    resumed run repeats an uninterrupted one)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept per stage (the newest ones)."""
+
+
+class ScalingSpec(SpecModel):
+    """How many Ray Train workers and what each one gets."""
+
+    workers: int = Field(1, ge=1)
+    """Data-parallel workers (one per GPU on GPU clusters)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved for each worker (data decoding threads run inside it)."""
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs per worker; 0 trains on CPU with the gloo backend, otherwise nccl."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint); -1: no limit."""
+
+
+class DataSpec(SpecModel):
+    """Training data: shards prepared by ``qformer prep``, or raw shards prepared first."""
+
+    prepared: str | None = None
+    """Output folder of ``qformer prep`` (holding ``manifest.json``), local or ``s3://``."""
+    raw: PrepSpec | None = None
+    """A prep section: ``qformer train`` first prepares these raw shards into the run's storage
+    (``RUN/prepared``; complete shards are skipped on resume), then trains on them."""
+    storage: StorageSpec = StorageSpec()
+    """Endpoint options for ``s3://`` prepared data."""
+    decode_threads: int = Field(2, ge=1)
+    """Threads per worker decoding and augmenting images ahead of the training step."""
+    prefetch_batches: int = Field(4, ge=1)
+    """Batches each worker keeps ready."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.prepared is None) == (self.raw is None):
+            raise ValueError("give exactly one of prepared (a prep output folder) or raw (a prep section)")
+        return self
+
+
+class DeepSpeedSpec(SpecModel):
+    """DeepSpeed engine settings."""
+
+    zero_stage: int = Field(2, ge=0, le=3)
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision of the trainable parts (frozen towers use the model section's dtypes)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    gradient_clipping: float = Field(1.0, ge=0)
+    """Global gradient-norm clip; 0 disables it."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed config entries merged over the generated config (expert use)."""
+
+
+class OptimizerSpec(SpecModel):
+    """AdamW with linear warm-up and cosine decay to ``min_lr``."""
+
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(1e-5, ge=0)
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up from 0 to ``lr`` over these optimizer steps."""
+    weight_decay: float = Field(0.05, ge=0)
+    """Decoupled weight decay; never applied to 1-D parameters (biases, norms, temperature)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "OptimizerSpec":
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must be <= lr")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError("betas must be in [0, 1)")
+        return self
+
+
+class AugmentSpec(SpecModel):
+    """Train-time augmentation of the prepared images."""
+
+    enabled: bool = True
+    """Random resized crop + horizontal flip; off: the prepared image, resized."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Area fraction range of the random crop (LAVIS: 0.5-1.0)."""
+    hflip: bool = True
+    """Flip horizontally with probability 0.5."""
+
+    @model_validator(mode="after")
+    def _scale(self) -> "AugmentSpec":
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
+        return self
+
+
+class StageSpec(SpecModel):
+    """One stage of a curriculum."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Stage name (a folder of the run, and what ``init_from`` refers to)."""
+    losses: dict[Literal["itc", "itm", "itg", "lm"], float]
+    """Loss weights. Stage 1 (Q-Former vs the frozen ViT): any of itc, itm, itg. Stage 2
+    (with the frozen LLM): lm."""
+    steps: int = Field(ge=1)
+    """Optimizer steps of the stage."""
+    batch_size: int = Field(ge=1)
+    """Micro-batch size per worker."""
+    optimizer: OptimizerSpec = OptimizerSpec()
+    augmentation: AugmentSpec = AugmentSpec()
+    checkpoint_every: int = Field(1000, ge=1)
+    """Checkpoint every this many steps (and always at the end of the stage)."""
+    log_every: int = Field(1, ge=1)
+    """Log metrics every this many steps."""
+    init_from: str | None = None
+    """Trainable weights to start from: the name of an earlier stage, or a checkpoint folder.
+    None: the previous stage's result (the first stage starts from the model's initialisation)."""
+
+    @property
+    def model_stage(self) -> Literal[1, 2]:
+        """1 for representation learning (itc/itm/itg), 2 for generative learning (lm)."""
+        return 2 if "lm" in self.losses else 1
+
+    @model_validator(mode="after")
+    def _losses(self) -> "StageSpec":
+        names = set(self.losses)
+        if not names:
+            raise ValueError("losses: name at least one loss")
+        if names & STAGE2_LOSSES and names & STAGE1_LOSSES:
+            raise ValueError("losses: lm (stage 2) cannot be combined with itc/itm/itg (stage 1)")
+        if any(weight < 0 for weight in self.losses.values()):
+            raise ValueError("losses: weights must be >= 0")
+        return self

@@ -1,0 +1,165 @@
+"""``qformer train``: run a staged curriculum on Ray Train + DeepSpeed, resuming where it stopped.
+
+Each stage is one Ray Train run named after the stage, inside the run folder
+``{run.storage}/{run.name}/``. A finished stage leaves ``{stage}/complete.json``; running the
+same job again skips finished stages and resumes the unfinished one from its latest complete
+checkpoint. Worker failures inside a stage are restarted by Ray Train (``FailureConfig``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
+from pipeline.ray_runtime import ensure_ray
+from pipeline.spec import JobSpec
+from pipeline.spec.train import StageSpec
+from pipeline.train.worker import StageTask, train_stage
+
+log = logging.getLogger("qformer.train")
+COMPLETE = "complete.json"
+
+
+class TrainError(RuntimeError):
+    """The job cannot run as asked (no data, incompatible tokens, a stage failed)."""
+
+
+def run_dir_of(job: JobSpec) -> Location:
+    return Location.of(job.run.storage, job.run.storage_options).child(job.run.name)
+
+
+def run_training(job: JobSpec) -> dict:
+    """Run every unfinished stage in order; returns a summary (also ``summary.json``)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ensure_ray(job.run.ray_address)
+    run_dir = run_dir_of(job)
+    shards = _training_shards(job, run_dir)
+    summary = {"run": run_dir.url, "stages": []}
+    previous: Location | None = None
+    for index, stage in enumerate(job.stages):
+        marker = run_dir.child(stage.name, COMPLETE)
+        if exists(marker):
+            done = json.loads(read_bytes(marker))
+            log.info("train: stage %s finished earlier (step %d); skipping", stage.name, done["step"])
+        else:
+            init = _init_weights(job, stage, run_dir, previous)
+            done = _run_stage(job, index, run_dir, shards, init)
+            write_bytes_atomic(marker, json.dumps(done, indent=1).encode())
+        previous = Location(done["checkpoint"], run_dir.options)
+        summary["stages"].append(done)
+    write_bytes_atomic(run_dir.child("summary.json"), json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
+    from pipeline.train.loader import shards_from_manifest
+
+    if job.data.raw is not None:
+        from pipeline.data.prep import run_prep
+
+        prepared = run_dir.child("prepared")
+        raw = job.data.raw.model_copy(update={"output": prepared.url})
+        log.info("train: preparing raw shards into %s", prepared.url)
+        run_prep(raw, ray_address=job.run.ray_address)
+        manifest = prepared.child("manifest.json")
+    else:
+        manifest = Location.of(job.data.prepared, job.data.storage).child("manifest.json")
+    if not exists(manifest):
+        raise TrainError(f"data: {manifest.url} not found; run `qformer prep` on the corpus first")
+    _check_tokens(job, json.loads(read_bytes(manifest)))
+    return shards_from_manifest(manifest)
+
+
+def _check_tokens(job: JobSpec, manifest: dict) -> None:
+    tokenizers = manifest.get("tokenizers", {})
+    qformer = tokenizers.get("qformer", {})
+    if qformer and qformer.get("max_length") != job.model.qformer.max_text_length:
+        raise TrainError(
+            f"model.qformer.max_text_length is {job.model.qformer.max_text_length} but the "
+            f"prepared data has Q-Former tokens of length {qformer.get('max_length')}"
+        )
+    if any(stage.model_stage == 2 for stage in job.stages) and "llm" not in tokenizers:
+        raise TrainError("a stage trains with the LLM (lm loss) but the prepared data has no LLM tokens")
+
+
+def _init_weights(job: JobSpec, stage: StageSpec, run_dir: Location, previous: Location | None):
+    source = stage.init_from
+    if source is None:
+        return previous
+    if "/" in source:
+        return Location.of(source, job.run.storage_options)
+    marker = json.loads(read_bytes(run_dir.child(source, COMPLETE)))
+    return Location(marker["checkpoint"], run_dir.options)
+
+
+def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    stage = job.stages[index]
+    scaling = job.scaling
+    use_gpu = scaling.gpus_per_worker > 0
+    resources = {"CPU": scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    task = StageTask(job.model_dump_json(), index, run_dir, tuple(shards), init)
+    storage_fs, storage_path = _ray_storage(run_dir)
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config=task.to_config(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=stage.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+        ),
+    )
+    log.info("train: stage %s (%d steps, %d workers)", stage.name, stage.steps, scaling.workers)
+    started = time.monotonic()
+    result = trainer.fit()
+    if result.error is not None or result.checkpoint is None:
+        raise TrainError(f"stage {stage.name} failed: {result.error}")
+    checkpoint_url = _storage_url(run_dir, result.checkpoint.path)
+    metadata = json.loads(read_bytes(Location(checkpoint_url, run_dir.options).child("metadata.json")))
+    return {
+        "stage": stage.name,
+        "step": metadata["step"],
+        "samples_seen": metadata["samples_seen"],
+        "checkpoint": checkpoint_url,
+        "final_metrics": result.metrics,
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "metrics": run_dir.child(stage.name, "metrics.jsonl").url,
+        "plot": run_dir.child(stage.name, "loss.png").url,
+    }
+
+
+def _ray_storage(run_dir: Location):
+    """Ray Train's (filesystem, path) for the run folder: S3 natively, local as a path."""
+    if run_dir.is_local:
+        return None, run_dir.url
+    import pyarrow.fs as pafs
+
+    options = run_dir.options
+    endpoint = options.get("endpoint_url")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    region = options.get("client_kwargs", {}).get("region_name")
+    if region:
+        kwargs["region"] = region
+    if options.get("anon"):
+        kwargs["anonymous"] = True
+    return pafs.S3FileSystem(**kwargs), run_dir.url.split("://", 1)[1]
+
+
+def _storage_url(run_dir: Location, path: str) -> str:
+    return path if run_dir.is_local else "s3://" + path.lstrip("/")
