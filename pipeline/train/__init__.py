@@ -1,0 +1,1 @@
+"""Training: the per-worker batch stream and its image augmentation."""

@@ -1,0 +1,126 @@
+"""Training-time image transform: JPEG bytes to a normalised array, with Pillow and numpy only.
+
+Augmentation is BLIP-2's: a random resized crop (area fraction ``crop_scale``, aspect ratio
+3/4..4/3, bicubic) and a horizontal flip with probability 1/2. Every random draw comes from a
+generator the caller seeds per sample, so a resumed run augments exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+_RATIO = (3 / 4, 4 / 3)
+_CROP_ATTEMPTS = 10
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator for the sample at ``position`` of ``epoch``'s stream (seeded, reproducible)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 2, epoch, position]))
+
+
+def crop_box(
+    width: int, height: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """A random crop of ``scale`` of the area with an aspect ratio in [3/4, 4/3].
+
+    Same sampling as torchvision's ``RandomResizedCrop``: up to ten tries, then the centre crop
+    of the whole image clamped to the ratio range.
+
+    Args:
+        width: Image width in pixels.
+        height: Image height in pixels.
+        scale: (low, high) fraction of the image area the crop covers.
+        rng: The sample's generator.
+
+    Returns:
+        The ``(left, top, right, bottom)`` box, inside the image.
+    """
+    area = width * height
+    log_low, log_high = math.log(_RATIO[0]), math.log(_RATIO[1])
+    for _ in range(_CROP_ATTEMPTS):
+        target = area * rng.uniform(scale[0], scale[1])
+        ratio = math.exp(rng.uniform(log_low, log_high))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    ratio = width / height
+    if ratio < _RATIO[0]:
+        w, h = width, round(width / _RATIO[0])
+    elif ratio > _RATIO[1]:
+        w, h = round(height * _RATIO[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Decode a prepared JPEG and turn it into a square ``image_size`` RGB array.
+
+    Args:
+        image_size: Output side in pixels.
+        augment: Random resized crop (+ flip); when False the image is only resized.
+        crop_scale: (low, high) area fraction of the random crop.
+        hflip: Flip horizontally with probability 1/2 (only when ``augment``).
+    """
+
+    image_size: int
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
+
+    def __call__(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
+        """Return the (image_size, image_size, 3) uint8 image; ``rng`` is needed when augmenting.
+
+        Raises:
+            OSError, ValueError: the bytes are not a decodable image.
+        """
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB") if image.mode != "RGB" else image
+            width, height = image.size
+            size = self.image_size
+            flip = False
+            if self.augment:
+                box = crop_box(width, height, self.crop_scale, rng)
+                flip = self.hflip and rng.random() < 0.5
+            else:
+                # Prepared images are square already; the centre square only guards other inputs.
+                box = _centre_square(width, height)
+            if box == (0, 0, width, height) and (width, height) == (size, size):
+                out = image
+            else:
+                out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+            if flip:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return np.asarray(out, dtype=np.uint8)  # (S, S, 3)
+
+
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: each channel's normalised value ``(level / 255 - mean) / std`` per 8-bit level."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    return ((levels[None, :] - np.asarray(mean)[:, None]) / np.asarray(std)[:, None]).astype(np.float32)
+
+
+def to_normalized_chw(image: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
+    """Write the (S, S, 3) uint8 ``image`` into ``out`` (3, S, S) float32, normalised by ``table``.
+
+    A table lookup per channel is one pass over memory with no float temporaries: on a few CPU
+    cores, float arithmetic over a whole batch costs as much as decoding it.
+    """
+    for channel in range(3):
+        np.take(table[channel], image[:, :, channel], out=out[channel])  # (S, S)

@@ -1,0 +1,443 @@
+"""Deterministic, resumable per-worker training batches from prepared Parquet shards.
+
+The data position is a pure function of the global step. For epoch ``e`` with ``W`` workers,
+batch size ``B`` and ``T`` samples in the corpus:
+
+1. The row groups of all shards are permuted (seeded by ``(seed, e)``) and laid end to end: the
+   epoch's row stream.
+2. Worker ``r`` takes rows ``[r*Q, (r+1)*Q)`` of that stream, where ``Q = steps_per_epoch * B``
+   and ``steps_per_epoch = (T // W) // B``. Splitting by rows rather than dealing row groups
+   round-robin keeps the shares equal whatever the row-group sizes (shard tails are short), so
+   ``steps_per_epoch`` is the same in every epoch and a position is plain arithmetic. At most
+   ``W - 1`` row groups straddle two shares and are read by both workers; the last
+   ``T - W*Q < W*B`` rows of the stream are dropped, different ones every epoch.
+3. A worker reads its share in windows of ``shuffle_row_groups`` row groups and shuffles the rows
+   of each window (seeded by ``(seed, e, r, window)``); step ``i`` is rows ``[i*B, (i+1)*B)``.
+
+So no sample reaches two workers in one epoch, and a stream started at step ``s`` skips whole
+epochs and windows without reading them, then yields the very batches an uninterrupted stream
+would (augmentation is seeded per sample by its position in the epoch).
+
+A background thread reads windows (one ahead) and hands whole batches to a small thread pool
+that decodes and augments them (Pillow releases the GIL); at most ``prefetch_batches`` wait ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.io.storage import Location, read_bytes
+from pipeline.train.augment import TrainTransform, normalization_table, sample_rng, to_normalized_chw
+
+log = logging.getLogger("qformer.train")
+
+# Model input name of each token column, per text stage.
+_TEXT_COLUMNS = {
+    "qformer": {"qformer_input_ids": "input_ids", "qformer_attention_mask": "attention_mask"},
+    "llm": {"llm_input_ids": "llm_input_ids", "llm_attention_mask": "llm_attention_mask"},
+}
+_SHARD_COLUMN = "__shard"
+# Domain tags keep the permutation, window-shuffle and augmentation streams independent.
+_PERMUTE, _SHUFFLE = 0, 1
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What a worker's batch stream reads and how it turns rows into model inputs."""
+
+    shards: tuple[Location, ...]
+    """Prepared ``.parquet`` shards, in corpus order (see :func:`shards_from_manifest`)."""
+    batch_size: int
+    """Samples per batch on each worker."""
+    image_size: int
+    """Side of the square ``pixel_values`` the vision tower expects."""
+    mean: tuple[float, float, float]
+    """Per-channel normalisation mean, for pixels in [0, 1]."""
+    std: tuple[float, float, float]
+    """Per-channel normalisation standard deviation."""
+    text: Literal["qformer", "llm"]
+    """Token columns to read: ``qformer`` (stage 1) or ``llm`` (stage 2); only those are read."""
+    augment: bool = True
+    """Random resized crop and flip; when off, images are only resized to ``image_size``."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Area fraction range of the random crop."""
+    hflip: bool = True
+    """Flip horizontally with probability 1/2 when augmenting."""
+    seed: int = 0
+    """Seeds the epoch permutations, window shuffles and augmentation."""
+    shuffle_row_groups: int = 2
+    """Row groups whose rows are shuffled together; more mixes better but delays the first batch."""
+    prefetch_batches: int = 4
+    """Batches decoded ahead of the consumer."""
+    decode_threads: int = 2
+    """Threads decoding and augmenting (each works on one whole batch)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "shards", tuple(self.shards))
+        problems = []
+        if not self.shards:
+            problems.append("shards: no shard given")
+        for name in ("batch_size", "image_size", "shuffle_row_groups", "prefetch_batches", "decode_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            problems.append(f"mean/std: need 3 values each and std > 0, got {self.mean} / {self.std}")
+        if self.text not in _TEXT_COLUMNS:
+            problems.append(f"text: must be one of {sorted(_TEXT_COLUMNS)}, got {self.text!r}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            problems.append(f"crop_scale: need 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.seed < 0:
+            problems.append(f"seed: must be >= 0, got {self.seed}")
+        if problems:
+            raise ValueError("invalid LoaderConfig: " + "; ".join(problems))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The Parquet columns a stream reads."""
+        return ("key", "image", *_TEXT_COLUMNS[self.text])
+
+
+class Batch(dict):
+    """One worker's batch for one global step: the model's keyword arguments, by name.
+
+    The mapping holds only tensors, so ``model(**batch)`` works: ``pixel_values``
+    (B, 3, S, S) float32, and either ``input_ids`` / ``attention_mask`` (B, L) int64
+    (``text="qformer"``) or ``llm_input_ids`` / ``llm_attention_mask`` (B, L2) int64
+    (``text="llm"``).
+
+    Attributes:
+        step: The global step this batch is for.
+        epoch: The epoch it comes from.
+        sample_keys: The samples' keys, in batch order (for logging and debugging).
+    """
+
+    def __init__(self, inputs: dict[str, torch.Tensor], *, step: int, epoch: int, sample_keys: tuple[str, ...]):
+        super().__init__(inputs)
+        self.step, self.epoch, self.sample_keys = step, epoch, sample_keys
+
+
+class DataError(RuntimeError):
+    """A prepared shard could not be read, or one of its rows not turned into model inputs."""
+
+
+def shards_from_manifest(manifest: Location) -> tuple[Location, ...]:
+    """The prepared shards listed in ``qformer prep``'s ``manifest.json``, in corpus order.
+
+    Args:
+        manifest: The manifest file; its storage options are used for the shards too.
+
+    Raises:
+        ValueError: the manifest lists no shard.
+    """
+    data = json.loads(read_bytes(manifest))
+    shards = tuple(Location(entry["output"], manifest.options) for entry in data.get("shards", []))
+    if not shards:
+        raise ValueError(f"{manifest.url}: the manifest lists no prepared shard")
+    if data.get("failed_shards"):
+        log.warning("%s: %d shard(s) failed in prep and are not trained on",
+                    manifest.url, len(data["failed_shards"]))
+    return shards
+
+
+@dataclass(frozen=True)
+class _RowGroups:
+    """Every non-empty row group of the corpus, in (shard, row group) order."""
+
+    shard: np.ndarray  # (G,) index into LoaderConfig.shards
+    group: np.ndarray  # (G,) row-group index inside its shard
+    rows: np.ndarray  # (G,) row count
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``[start, stop)`` of one row group."""
+
+    shard: int
+    group: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+def _open(location: Location):
+    fs, path = location.filesystem()
+    # Parquet reads exact byte ranges; fsspec's default read-ahead would fetch megabytes more.
+    return fs.open(path, "rb", cache_type="none")
+
+
+def _read_footer(location: Location, columns: tuple[str, ...]) -> tuple[list[int], dict]:
+    with _open(location) as handle:
+        metadata = pq.read_metadata(handle)
+    schema = metadata.schema.to_arrow_schema()
+    missing = [name for name in columns if name not in schema.names]
+    if missing:
+        raise ValueError(f"{location.url}: prepared shard has no column(s) {missing}")
+    rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    return rows, {name: schema.field(name).type for name in columns}
+
+
+def _index_row_groups(shards: tuple[Location, ...], columns: tuple[str, ...]) -> _RowGroups:
+    """Read every footer (in threads: on S3 each is a round trip) and check the shards agree."""
+    with ThreadPoolExecutor(min(16, len(shards))) as pool:
+        footers = list(pool.map(lambda shard: _read_footer(shard, columns), shards))
+    expected = footers[0][1]
+    shard_ids, groups, rows = [], [], []
+    for index, (counts, types) in enumerate(footers):
+        if types != expected:
+            raise ValueError(
+                f"{shards[index].url}: column types {types} differ from {shards[0].url}'s "
+                f"{expected} (shards of different prep runs?)"
+            )
+        for group, count in enumerate(counts):
+            if count:
+                shard_ids.append(index)
+                groups.append(group)
+                rows.append(count)
+    return _RowGroups(np.array(shard_ids, np.int64), np.array(groups, np.int64), np.array(rows, np.int64))
+
+
+class BatchStream:
+    """An endless iterator of one worker's :class:`Batch` es, from ``start_step`` on.
+
+    Every worker builds its own stream with the same config; batches of one step never share a
+    sample across workers, and a stream started at step ``s`` yields exactly what an
+    uninterrupted one yields from ``s`` (same samples, same augmentation). Close it (or use it
+    as a context manager) to stop its threads.
+
+    Args:
+        config: What to read and how.
+        rank: This worker's rank, in ``[0, world_size)``.
+        world_size: Number of data-parallel workers.
+        start_step: Global step of the first batch (the step a resumed run continues at).
+
+    Attributes:
+        total_samples: Samples in the corpus.
+        steps_per_epoch: Steps in every epoch, the same for all epochs and workers.
+        wait_seconds: Seconds the consumer has spent blocked in ``__next__`` so far.
+
+    Raises:
+        ValueError: bad arguments, a shard lacking a needed column, or a corpus too small for
+            one step of ``world_size x batch_size`` samples.
+
+    Example:
+        >>> with BatchStream(config, rank=ctx.rank, world_size=ctx.world_size, start_step=step) as stream:
+        ...     loss = model(**next(stream)).loss
+    """
+
+    def __init__(self, config: LoaderConfig, rank: int, world_size: int, start_step: int = 0):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self._groups = _index_row_groups(config.shards, config.columns)
+        self.total_samples = int(self._groups.rows.sum())
+        self.steps_per_epoch = self.total_samples // world_size // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the corpus is too small: {self.total_samples} samples in {len(config.shards)} "
+                f"shard(s) cannot fill one step of world_size {world_size} x batch_size "
+                f"{config.batch_size} = {world_size * config.batch_size} samples"
+            )
+        self.wait_seconds = 0.0
+        self._share = self.steps_per_epoch * config.batch_size
+        self._transform = TrainTransform(config.image_size, config.augment, config.crop_scale, config.hflip)
+        self._normalization = normalization_table(config.mean, config.std)
+        self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
+        self._stop = threading.Event()
+        self._closed = False
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="batch-stream-read")
+        self._decoders = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="batch-stream-decode")
+        self._producer = threading.Thread(
+            target=self._produce, args=(start_step,), name="batch-stream", daemon=True
+        )
+        self._producer.start()
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples trained per epoch by all workers together; the other ones are dropped."""
+        return self._share * self.world_size
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where global step ``step`` starts, for checkpoint metadata.
+
+        Returns:
+            ``{"epoch", "step_in_epoch", "samples_in_epoch"}``; the last counts the samples of
+            the epoch that all workers trained before ``step``.
+        """
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        return {
+            "epoch": epoch,
+            "step_in_epoch": in_epoch,
+            "samples_in_epoch": in_epoch * self.config.batch_size * self.world_size,
+        }
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._closed:
+            raise RuntimeError("the batch stream is closed")
+        started = time.perf_counter()
+        try:
+            item = self._queue.get()
+            if isinstance(item, _Failure):
+                raise item.error
+            return item.result()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self.wait_seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        """Stop the background threads; pending batches are discarded."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._producer.join()
+        self._reader.shutdown(cancel_futures=True)
+        self._decoders.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> "BatchStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Background side: the producer thread and the decode pool.
+
+    def _produce(self, step: int) -> None:
+        try:
+            while True:
+                epoch, in_epoch = divmod(step, self.steps_per_epoch)
+                for rows in self._epoch_batches(epoch, in_epoch):
+                    if not self._put(self._decoders.submit(self._assemble, rows, epoch, step)):
+                        return
+                    step += 1
+        except BaseException as error:
+            self._put(_Failure(error))
+
+    def _put(self, item: Future | _Failure) -> bool:
+        """Queue ``item``, waiting for room; False once the stream is closing."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _windows(self, epoch: int) -> list[list[_Piece]]:
+        """This worker's share of ``epoch``, as windows of row-group pieces (see module doc)."""
+        groups, seed = self._groups, self.config.seed
+        order = np.random.default_rng([seed, _PERMUTE, epoch]).permutation(len(groups.rows))
+        rows = groups.rows[order]  # (G,)
+        ends = np.cumsum(rows)  # (G,)
+        starts = ends - rows  # (G,)
+        low = self.rank * self._share
+        high = low + self._share
+        first = int(np.searchsorted(ends, low, side="right"))
+        last = int(np.searchsorted(starts, high, side="left"))
+        pieces = [
+            _Piece(
+                shard=int(groups.shard[order[k]]),
+                group=int(groups.group[order[k]]),
+                start=int(max(low - starts[k], 0)),
+                stop=int(min(high - starts[k], rows[k])),
+            )
+            for k in range(first, last)
+        ]
+        size = self.config.shuffle_row_groups
+        return [pieces[i : i + size] for i in range(0, len(pieces), size)]
+
+    def _epoch_batches(self, epoch: int, first_step: int) -> Iterator[pa.Table]:
+        """The row tables of this worker's steps ``first_step..`` of ``epoch``."""
+        batch_size = self.config.batch_size
+        windows = self._windows(epoch)
+        sizes = np.array([sum(p.stop - p.start for p in window) for window in windows])
+        ends = np.cumsum(sizes)
+        offset = first_step * batch_size
+        first = int(np.searchsorted(ends, offset, side="right"))
+        skip = offset - int(ends[first] - sizes[first])
+        upcoming = self._reader.submit(self._read_window, epoch, first, windows[first])
+        pending: pa.Table | None = None
+        for index in range(first, len(windows)):
+            table = upcoming.result()
+            if index + 1 < len(windows):
+                upcoming = self._reader.submit(self._read_window, epoch, index + 1, windows[index + 1])
+            table = table.slice(skip)
+            skip = 0
+            pending = table if pending is None else pa.concat_tables([pending, table])
+            # A share is a whole number of batches, so nothing is left after the last window.
+            while pending.num_rows >= batch_size:
+                yield pending.slice(0, batch_size)
+                pending = pending.slice(batch_size)
+
+    def _read_window(self, epoch: int, index: int, pieces: list[_Piece]) -> pa.Table:
+        """The rows of ``pieces``, shuffled, with the shard index of each row."""
+        tables = []
+        for piece in pieces:
+            location = self.config.shards[piece.shard]
+            try:
+                with _open(location) as handle:
+                    # pre_buffer coalesces the projected column chunks into few range requests.
+                    parquet = pq.ParquetFile(handle, pre_buffer=True)
+                    table = parquet.read_row_group(piece.group, columns=list(self.config.columns))
+            except Exception as error:
+                raise DataError(f"{location.url}: cannot read row group {piece.group}: {error}") from error
+            table = table.slice(piece.start, piece.stop - piece.start)
+            shard = pa.array(np.full(table.num_rows, piece.shard, np.int32))
+            tables.append(table.append_column(_SHARD_COLUMN, shard))
+        table = pa.concat_tables(tables)
+        rng = np.random.default_rng([self.config.seed, _SHUFFLE, epoch, self.rank, index])
+        return table.take(rng.permutation(table.num_rows))
+
+    def _assemble(self, rows: pa.Table, epoch: int, step: int) -> Batch:
+        """Decode, augment and normalise one batch (runs in the decode pool)."""
+        config = self.config
+        size = config.image_size
+        # The sample's position in the epoch's stream seeds its augmentation.
+        first = self.rank * self._share + (step - epoch * self.steps_per_epoch) * config.batch_size
+        keys = rows.column("key").to_pylist()
+        shards = rows.column(_SHARD_COLUMN).to_pylist()
+        pixels = np.empty((rows.num_rows, 3, size, size), np.float32)  # (B, 3, S, S)
+        for j, data in enumerate(rows.column("image").to_pylist()):
+            rng = sample_rng(config.seed, epoch, first + j) if config.augment else None
+            try:
+                to_normalized_chw(self._transform(data, rng), self._normalization, pixels[j])
+            except Exception as error:
+                raise DataError(
+                    f"{config.shards[shards[j]].url}: sample {keys[j]!r}: cannot decode its image: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+        inputs = {"pixel_values": torch.from_numpy(pixels)}  # (B, 3, S, S)
+        for column, name in _TEXT_COLUMNS[config.text].items():
+            inputs[name] = _token_matrix(rows.column(column))  # (B, L)
+        return Batch(inputs, step=step, epoch=epoch, sample_keys=tuple(keys))
+
+
+def _token_matrix(column: pa.ChunkedArray) -> torch.Tensor:
+    """A fixed-size list column -> (N, L) int64 tensor."""
+    array = column.combine_chunks()
+    values = array.flatten().to_numpy(zero_copy_only=False)  # (N * L,)
+    return torch.from_numpy(values.astype(np.int64).reshape(-1, array.type.list_size))
