@@ -1,0 +1,400 @@
+"""The BLIP-2 pretraining model: frozen towers, trainable Q-Former, and the losses of both stages.
+
+Parameter names follow transformers' Blip2 classes (``query_tokens``, ``embeddings.*``,
+``qformer.*``, ``vision_projection``, ``text_projection``, ``itm_head``, ``language_projection``)
+so a trained model exports to ``Blip2ForImageTextRetrieval`` / ``Blip2ForConditionalGeneration``;
+``ln_vision`` corresponds to their ``vision_model.post_layernorm``. ``lm_head`` (the ITG head) and
+``temp`` (the ITC temperature) exist only for pretraining.
+
+Stage 1 runs three Q-Former passes per batch, like LAVIS: (1) queries + ``[DEC]`` caption under
+the UniLM mask, whose query outputs serve ITC (queries attend only to queries and the image there,
+so they equal an image-only pass) and whose text outputs serve ITG; (2) the caption alone for
+ITC; (3) the 3B query + caption pairs for ITM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.config import ModelSpec
+from pipeline.model.distributed import DistContext, all_gather, all_gather_with_grad
+from pipeline.model.frozen import ParameterCounts, count_parameters
+from pipeline.model.llm import load_language_model
+from pipeline.model.losses import (
+    HardNegativeSampler,
+    contrastive_loss,
+    generation_loss,
+    language_model_labels,
+    matching_loss,
+)
+from pipeline.model.qformer import (
+    QFormerLMHead,
+    build_qformer,
+    build_qformer_tokenizer,
+    build_text_embeddings,
+    copy_bert_weights,
+    load_bert_config,
+    qformer_config,
+    unilm_attention_mask,
+)
+from pipeline.model.vision import encode_images, load_vision_tower, vision_width
+
+Stage = Literal[1, 2]
+
+
+@dataclass
+class Stage1Output:
+    """Losses and intermediate tensors of one stage-1 step (B local pairs, N gathered pairs).
+
+    Attributes:
+        loss: () weighted sum of the three losses; call ``backward()`` on it.
+        loss_itc: () image-text contrastive loss of the local rows.
+        loss_itm: () image-text matching loss of the local 3B pairs.
+        loss_itg: () image-grounded caption generation loss of the local captions.
+        temperature: (1,) the ITC temperature used, detached.
+        sim_i2t: (B, N) local images vs gathered captions, divided by the temperature.
+        sim_t2i: (B, N) local captions vs gathered images, divided by the temperature.
+        itm_logits: (3B, 2) ITM logits: positives, then negative images, then negative captions.
+        itg_logits: (B, T, V) next-token logits at every caption position.
+        query_output: (B, Q, H) last-layer query outputs of the local images.
+        negative_texts: (B,) gathered-batch index of the negative caption of each local image.
+        negative_images: (B,) gathered-batch index of the negative image of each local caption.
+    """
+
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_itg: torch.Tensor
+    temperature: torch.Tensor
+    sim_i2t: torch.Tensor
+    sim_t2i: torch.Tensor
+    itm_logits: torch.Tensor
+    itg_logits: torch.Tensor
+    query_output: torch.Tensor
+    negative_texts: torch.Tensor
+    negative_images: torch.Tensor
+
+
+@dataclass
+class Stage2Output:
+    """Loss and logits of one stage-2 step.
+
+    Attributes:
+        loss: () weighted LM loss; call ``backward()`` on it.
+        loss_lm: () the frozen LLM's mean next-token loss over caption tokens.
+        logits: (B, Q + T, V) LLM logits over the visual prompt and the tokens.
+        query_output: (B, Q, H) last-layer query outputs of the images.
+    """
+
+    loss: torch.Tensor
+    loss_lm: torch.Tensor
+    logits: torch.Tensor
+    query_output: torch.Tensor
+
+
+class Blip2Pretrainer(nn.Module):
+    """BLIP-2 for pretraining: stage 1 (ITC + ITM + ITG) or stage 2 (frozen-LLM captioning).
+
+    Only ``query_tokens``, the Q-Former and its embeddings, the projections, the heads,
+    ``ln_vision`` and ``temp`` train; the vision tower and the LLM are frozen and stay in eval
+    mode. Stage 2 builds no caption-side parts (text feed-forward, embeddings, ITC/ITM/ITG heads);
+    load a stage-1 result with ``load_trainable_state_dict(state, strict=False)``.
+
+    Data contract: ``pixel_values`` (B, 3, H, W) float32 normalised with
+    :func:`pipeline.model.vision.image_preprocessing`; stage-1 ``input_ids`` are BERT ids of
+    ``[CLS] caption [SEP]`` right-padded to ``qformer.max_text_length`` (the same length on every
+    rank); stage-2 ``llm_input_ids`` are LLM ids of (prompt +) caption + eos, right-padded.
+
+    Args:
+        spec: The model spec.
+        stage: 1 (Q-Former representation learning) or 2 (generative learning with the LLM).
+
+    Example:
+        >>> model = Blip2Pretrainer(spec, stage=1)
+        >>> out = model(pixel_values=images, input_ids=ids, attention_mask=mask)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, spec: ModelSpec, *, stage: Stage = 1):
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        self.spec, self.stage = spec, stage
+        q_spec = spec.qformer
+
+        self.vision_model = load_vision_tower(spec.vision)
+        self.ln_vision = nn.LayerNorm(vision_width(self.vision_model))
+
+        bert = load_bert_config(q_spec)
+        vocab_size = bert.vocab_size
+        if stage == 1:
+            tokenizer = build_qformer_tokenizer(q_spec)
+            self.dec_token_id = tokenizer.bos_token_id
+            vocab_size = len(tokenizer)
+        config = qformer_config(
+            q_spec,
+            bert,
+            vision_width=vision_width(self.vision_model),
+            vocab_size=vocab_size,
+            text_input=stage == 1,
+        )
+        self.query_tokens = nn.Parameter(
+            torch.randn(1, q_spec.num_query_tokens, config.hidden_size) * config.initializer_range
+        )
+        if stage == 1:
+            self.embeddings = build_text_embeddings(config)
+        self.qformer = build_qformer(config)
+
+        if stage == 1:
+            self.vision_projection = nn.Linear(config.hidden_size, q_spec.embed_dim)
+            self.text_projection = nn.Linear(config.hidden_size, q_spec.embed_dim)
+            self.itm_head = nn.Linear(config.hidden_size, 2)
+            self.lm_head = QFormerLMHead(config, self.embeddings.word_embeddings)
+            # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
+            self.temp = nn.Parameter(torch.full((1,), spec.losses.init_temperature))
+            self.hard_negatives = HardNegativeSampler(spec.losses.hard_negative_seed)
+        else:
+            self.language_model = load_language_model(spec.llm)
+            llm_width = self.language_model.get_input_embeddings().embedding_dim
+            self.language_projection = nn.Linear(config.hidden_size, llm_width)
+
+        if q_spec.load_bert_weights:
+            copy_bert_weights(
+                q_spec.bert,
+                self.qformer,
+                embeddings=getattr(self, "embeddings", None),
+                lm_head=getattr(self, "lm_head", None),
+            )
+
+    @property
+    def num_query_tokens(self) -> int:
+        """Number of learned queries Q."""
+        # From the spec, not the parameter: ZeRO-3 leaves partitioned parameters with shape (0,).
+        return self.spec.qformer.num_query_tokens
+
+    def forward(self, **batch: torch.Tensor) -> Stage1Output | Stage2Output:
+        """Run :meth:`forward_stage1` or :meth:`forward_stage2`, whichever this model's stage is.
+
+        DDP and DeepSpeed engines need the step to go through ``forward``.
+        """
+        if self.stage == 1:
+            return self.forward_stage1(**batch)
+        return self.forward_stage2(**batch)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, P, D) ``ln_vision``-normalised frozen tower tokens."""
+        features = encode_images(self.vision_model, pixel_values)  # (B, P, D)
+        return self.ln_vision(features.to(self.ln_vision.weight.dtype))
+
+    def query_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) image tokens -> (B, Q, H) last-layer outputs of the queries alone."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, H)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds)
+        return out.last_hidden_state
+
+    def forward_stage1(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> Stage1Output:
+        """Compute the stage-1 losses (ITC, ITM with hard negatives, ITG).
+
+        Under ``torch.distributed``, features are gathered over the default process group; the
+        per-rank losses average to the single-process loss on the concatenated batch, and so do
+        DDP-averaged gradients.
+
+        Args:
+            pixel_values: (B, 3, H, W) normalised images.
+            input_ids: (B, T) BERT ids of ``[CLS] caption [SEP]``, right-padded.
+            attention_mask: (B, T) 1 for tokens, 0 for padding.
+
+        Returns:
+            The losses and intermediate tensors.
+        """
+        if self.stage != 1:
+            raise RuntimeError("forward_stage1 needs a model built with stage=1")
+        ctx = DistContext.current()
+        losses = self.spec.losses
+        batch = input_ids.shape[0]
+        with torch.no_grad():
+            self.temp.clamp_(losses.min_temperature, losses.max_temperature)
+
+        image_embeds = self.encode_image(pixel_values)  # (B, P, D)
+        query_output, itg_logits = self._generative_pass(image_embeds, input_ids, attention_mask)
+        text_output = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids),
+            query_length=0,
+            attention_mask=attention_mask,
+        ).last_hidden_state  # (B, T, H)
+
+        image_feats = F.normalize(self.vision_projection(query_output), dim=-1)  # (B, Q, E)
+        text_feat = F.normalize(self.text_projection(text_output[:, 0]), dim=-1)  # (B, E)
+        itc = contrastive_loss(
+            image_feats,
+            text_feat,
+            all_gather_with_grad(image_feats, ctx),  # (N, Q, E)
+            all_gather_with_grad(text_feat, ctx),  # (N, E)
+            # A copy: ZeRO-3 empties the parameter after forward, and division saves its operand.
+            self.temp.clone(),
+            rank=ctx.rank,
+            label_smoothing=losses.label_smoothing,
+        )
+
+        negative_texts, negative_images = self.hard_negatives.sample(all_gather(itc.sim_i2t, ctx))
+        local = slice(ctx.rank * batch, (ctx.rank + 1) * batch)
+        negative_texts, negative_images = negative_texts[local], negative_images[local]  # (B,)
+        itm_logits = self._matching_logits(
+            image_embeds,
+            input_ids,
+            attention_mask,
+            negative_image_embeds=all_gather_with_grad(image_embeds, ctx)[negative_images],
+            negative_ids=all_gather(input_ids, ctx)[negative_texts],
+            negative_mask=all_gather(attention_mask, ctx)[negative_texts],
+        )
+        loss_itm = matching_loss(itm_logits)
+        loss_itg = generation_loss(
+            itg_logits, input_ids, attention_mask, label_smoothing=losses.label_smoothing
+        )
+        loss = (
+            losses.itc_weight * itc.loss
+            + losses.itm_weight * loss_itm
+            + losses.itg_weight * loss_itg
+        )
+        return Stage1Output(
+            loss=loss,
+            loss_itc=itc.loss,
+            loss_itm=loss_itm,
+            loss_itg=loss_itg,
+            temperature=self.temp.detach().clone(),
+            sim_i2t=itc.sim_i2t,
+            sim_t2i=itc.sim_t2i,
+            itm_logits=itm_logits,
+            itg_logits=itg_logits,
+            query_output=query_output,
+            negative_texts=negative_texts,
+            negative_images=negative_images,
+        )
+
+    def _generative_pass(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries + ``[DEC]`` caption under the UniLM mask -> query outputs and ITG logits."""
+        num_queries = self.num_query_tokens
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.dec_token_id
+        queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)  # (B, Q, H)
+        hidden = self.qformer(
+            query_embeds=self.embeddings(input_ids=decoder_ids, query_embeds=queries),
+            query_length=num_queries,
+            attention_mask=unilm_attention_mask(attention_mask, num_queries),
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state  # (B, Q + T, H)
+        return hidden[:, :num_queries], self.lm_head(hidden[:, num_queries:])
+
+    def _matching_logits(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        negative_image_embeds: torch.Tensor,
+        negative_ids: torch.Tensor,
+        negative_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """ITM logits of (pos, pos), (neg image, pos caption), (pos image, neg caption): (3B, 2)."""
+        ids = torch.cat([input_ids, input_ids, negative_ids])  # (3B, T)
+        text_mask = torch.cat([attention_mask, attention_mask, negative_mask])  # (3B, T)
+        images = torch.cat([image_embeds, negative_image_embeds, image_embeds])  # (3B, P, D)
+        queries = self.query_tokens.expand(ids.shape[0], -1, -1)  # (3B, Q, H)
+        query_mask = text_mask.new_ones(queries.shape[:2])  # (3B, Q)
+        hidden = self.qformer(
+            query_embeds=self.embeddings(input_ids=ids, query_embeds=queries),
+            query_length=self.num_query_tokens,
+            attention_mask=torch.cat([query_mask, text_mask], dim=1),
+            encoder_hidden_states=images,
+        ).last_hidden_state  # (3B, Q + T, H)
+        return self.itm_head(hidden[:, : self.num_query_tokens]).mean(dim=1)  # (3B, 2)
+
+    def forward_stage2(
+        self,
+        pixel_values: torch.Tensor,
+        llm_input_ids: torch.Tensor,
+        llm_attention_mask: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> Stage2Output:
+        """Compute the stage-2 loss: the frozen LLM captions the image from the query prompt.
+
+        Args:
+            pixel_values: (B, 3, H, W) normalised images.
+            llm_input_ids: (B, T) LLM ids of (prompt +) caption followed by eos, right-padded.
+            llm_attention_mask: (B, T) 1 for tokens, 0 for padding.
+            prompt_lengths: (B,) leading prompt tokens of each row, excluded from the loss.
+
+        Returns:
+            The loss and logits.
+        """
+        if self.stage != 2:
+            raise RuntimeError("forward_stage2 needs a model built with stage=2")
+        query_output = self.query_image(self.encode_image(pixel_values))  # (B, Q, H)
+        embed_tokens = self.language_model.get_input_embeddings()
+        visual_prompt = self.language_projection(query_output)  # (B, Q, D_llm)
+        inputs_embeds = torch.cat(
+            [visual_prompt.to(embed_tokens.weight.dtype), embed_tokens(llm_input_ids)], dim=1
+        )  # (B, Q + T, D_llm)
+        prompt_mask = llm_attention_mask.new_ones(query_output.shape[:2])  # (B, Q)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.cat([prompt_mask, llm_attention_mask], dim=1),
+            labels=language_model_labels(
+                llm_input_ids, llm_attention_mask, self.num_query_tokens, prompt_lengths
+            ),
+            use_cache=False,
+        )
+        return Stage2Output(
+            loss=self.spec.losses.lm_weight * out.loss,
+            loss_lm=out.loss,
+            logits=out.logits,
+            query_output=query_output,
+        )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by name (tied tensors once), detached: what to checkpoint."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """Load trainable parameters saved by :meth:`trainable_state_dict`.
+
+        Args:
+            state_dict: Tensors by parameter name.
+            strict: Raise unless the names match this model's trainable parameters exactly.
+                Loading a stage-1 result into stage 2 needs ``strict=False``: its caption-side
+                parts are unexpected there and ``language_projection`` is missing.
+
+        Returns:
+            ``(missing, unexpected)`` parameter names.
+
+        Raises:
+            KeyError: ``strict`` and the names differ.
+        """
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
+        if strict and (missing or unexpected):
+            raise KeyError(f"trainable state mismatch: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name in params.keys() & state_dict.keys():
+                params[name].copy_(state_dict[name])
+        return missing, unexpected
+
+    def parameter_counts(self) -> ParameterCounts:
+        """Numbers of trainable and frozen parameters."""
+        return count_parameters(self)

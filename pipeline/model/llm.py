@@ -1,0 +1,48 @@
+"""The frozen language model of stage 2 and its tokenizer."""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.assets import resolve_model, resolve_tokenizer
+from pipeline.model.config import LLMSpec, torch_dtype
+from pipeline.model.frozen import freeze
+
+
+def load_language_model(spec: LLMSpec) -> PreTrainedModel:
+    """Load the causal LM of ``spec``, held in ``spec.dtype`` and frozen.
+
+    Args:
+        spec: The LLM section of the model spec.
+
+    Returns:
+        The frozen ``AutoModelForCausalLM``.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(spec.name), dtype=torch_dtype(spec.dtype)
+    )
+    return freeze(model)
+
+
+def build_llm_tokenizer(spec: LLMSpec) -> PreTrainedTokenizerBase:
+    """The LLM's own tokenizer, set up for right-padded captions.
+
+    Tokenizers without a pad token (GPT-2, Llama) pad with eos; the padding is masked out of the
+    loss by the attention mask, so the choice of pad id does not matter.
+
+    Args:
+        spec: The LLM section of the model spec.
+
+    Returns:
+        The tokenizer, ``padding_side="right"``, with a pad token.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(spec.name))
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

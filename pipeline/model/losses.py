@@ -1,0 +1,185 @@
+"""The BLIP-2 pretraining losses, as functions of already computed features.
+
+Distributed conventions (see ``pipeline.model.distributed``): each rank passes its local rows
+and the gathered ("all") tensors; rank ``r``'s positives sit at ``r * B + arange(B)`` of the
+gathered batch. Per-rank losses are means over local rows, so their mean over ranks is the loss
+of one process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss."""
+
+
+@dataclass(frozen=True)
+class ContrastiveResult:
+    """The image-text contrastive loss and its similarity logits.
+
+    Attributes:
+        loss: () mean of the image-to-text and text-to-image cross-entropies.
+        sim_i2t: (B, N) local images against all N gathered captions, divided by the temperature;
+            each entry is the maximum over the image's query features.
+        sim_t2i: (B, N) local captions against all N gathered images, likewise.
+    """
+
+    loss: torch.Tensor
+    sim_i2t: torch.Tensor
+    sim_t2i: torch.Tensor
+
+
+def contrastive_loss(
+    image_feats: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feats_all: torch.Tensor,
+    text_feat_all: torch.Tensor,
+    temperature: torch.Tensor,
+    *,
+    rank: int,
+    label_smoothing: float,
+) -> ContrastiveResult:
+    """Image-text contrastive (ITC) loss with the max-over-queries similarity of BLIP-2.
+
+    Args:
+        image_feats: (B, Q, E) L2-normalised query features of the local images.
+        text_feat: (B, E) L2-normalised ``[CLS]`` features of the local captions.
+        image_feats_all: (N, Q, E) query features gathered from all ranks.
+        text_feat_all: (N, E) caption features gathered from all ranks.
+        temperature: (1,) or () the (clamped) learnable temperature.
+        rank: This process's rank; its rows start at ``rank * B`` of the gathered batch.
+        label_smoothing: Label smoothing of both cross-entropies.
+    """
+    batch = image_feats.shape[0]
+    sim_i2t = torch.einsum("bqe,ne->bqn", image_feats, text_feat_all).amax(dim=1)  # (B, N)
+    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).amax(dim=2)  # (B, N)
+    sim_i2t, sim_t2i = sim_i2t / temperature, sim_t2i / temperature
+    targets = rank * batch + torch.arange(batch, device=image_feats.device)  # (B,)
+    loss = (
+        F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=label_smoothing)
+    ) / 2
+    return ContrastiveResult(loss=loss, sim_i2t=sim_i2t, sim_t2i=sim_t2i)
+
+
+class HardNegativeSampler:
+    """Draws ITM hard negatives from the contrastive similarities of the gathered batch.
+
+    Every rank samples over the *whole* gathered (N, N) similarity matrix with a generator seeded
+    identically everywhere, then keeps its own rows: all ranks, and one process holding the
+    concatenated batch, draw the same negatives. The generator lives on the device of the first
+    similarities it sees; its draws advance with every call, in step on all ranks.
+
+    Args:
+        seed: Seed of the generator, the same on every rank.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    @torch.no_grad()
+    def sample(self, sim_i2t_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one negative caption per image and one negative image per caption.
+
+        The probability of a candidate is the softmax of its similarity over the row, with the
+        positive pair excluded, as in LAVIS.
+
+        Args:
+            sim_i2t_all: (N, N) image-to-text similarity logits of the gathered batch, image
+                ``i``'s positive caption at column ``i``.
+
+        Returns:
+            ``(negative_text_of_image, negative_image_of_text)``, each (N,) indices into the
+            gathered batch.
+
+        Raises:
+            ValueError: The gathered batch has fewer than two pairs (no negative exists).
+        """
+        size = sim_i2t_all.shape[0]
+        if size < 2:
+            raise ValueError("ITM hard negatives need 2 or more pairs in the gathered batch")
+        positives = torch.eye(size, dtype=torch.bool, device=sim_i2t_all.device)
+        sim = sim_i2t_all.float().masked_fill(positives, float("-inf"))  # (N, N)
+        generator = self._generator_on(sim.device)
+        negative_texts = torch.multinomial(sim.softmax(dim=1), 1, generator=generator)  # (N, 1)
+        negative_images = torch.multinomial(sim.t().softmax(dim=1), 1, generator=generator)
+        return negative_texts.squeeze(1), negative_images.squeeze(1)
+
+
+def matching_loss(itm_logits: torch.Tensor) -> torch.Tensor:
+    """Image-text matching (ITM) cross-entropy over a batch laid out as BLIP-2 does.
+
+    Args:
+        itm_logits: (3B, 2) logits of (positive image, positive caption) for the first B rows,
+            then (negative image, positive caption), then (positive image, negative caption).
+
+    Returns:
+        () mean cross-entropy with labels 1 for the first B rows and 0 for the other 2B.
+    """
+    batch = itm_logits.shape[0] // 3
+    labels = torch.zeros(3 * batch, dtype=torch.long, device=itm_logits.device)
+    labels[:batch] = 1
+    return F.cross_entropy(itm_logits.float(), labels)
+
+
+def generation_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Image-grounded text generation (ITG) loss: shifted next-token cross-entropy.
+
+    Args:
+        logits: (B, T, V) logits at each caption position (the first position holds ``[DEC]``).
+        input_ids: (B, T) caption ids.
+        attention_mask: (B, T) 1 for tokens, 0 for padding (padding carries no loss).
+        label_smoothing: Label smoothing of the cross-entropy.
+
+    Returns:
+        () mean over the predicted (non-padding) tokens.
+    """
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)[:, 1:]  # (B, T-1)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+    )
+
+
+def language_model_labels(
+    llm_input_ids: torch.Tensor,
+    llm_attention_mask: torch.Tensor,
+    num_queries: int,
+    prompt_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Labels of the stage-2 LLM input ``[query slots] + caption``, unshifted.
+
+    Args:
+        llm_input_ids: (B, T) LLM token ids of (optional prompt +) caption + eos, right-padded.
+        llm_attention_mask: (B, T) 1 for tokens, 0 for padding.
+        num_queries: Number Q of visual prompt slots placed before the tokens.
+        prompt_lengths: (B,) number of leading prompt tokens per row, or ``None``.
+
+    Returns:
+        (B, Q + T) the token ids, with :data:`IGNORE_INDEX` on query slots, prompt and padding.
+    """
+    labels = llm_input_ids.masked_fill(llm_attention_mask == 0, IGNORE_INDEX)  # (B, T)
+    if prompt_lengths is not None:
+        positions = torch.arange(labels.shape[1], device=labels.device)  # (T,)
+        in_prompt = positions[None, :] < prompt_lengths.to(labels.device)[:, None]  # (B, T)
+        labels = labels.masked_fill(in_prompt, IGNORE_INDEX)
+    query_slots = labels.new_full((labels.shape[0], num_queries), IGNORE_INDEX)  # (B, Q)
+    return torch.cat([query_slots, labels], dim=1)
