@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from pipeline.model.config import ModelSpec
 from pipeline.model.distributed import DistContext, all_gather, all_gather_with_grad
@@ -49,8 +50,12 @@ Stage = Literal[1, 2]
 
 
 @dataclass
-class Stage1Output:
+class Stage1Output(ModelOutput):
     """Losses and intermediate tensors of one stage-1 step (B local pairs, N gathered pairs).
+
+    A transformers ``ModelOutput`` (a dict as well as a dataclass) so that DeepSpeed ZeRO-3
+    finds the output tensors and hooks its parameter gathering into their backward pass. Every
+    field is set by the model; the ``None`` defaults are ``ModelOutput``'s convention.
 
     Attributes:
         loss: () weighted sum of the three losses; call ``backward()`` on it.
@@ -67,23 +72,23 @@ class Stage1Output:
         negative_images: (B,) gathered-batch index of the negative image of each local caption.
     """
 
-    loss: torch.Tensor
-    loss_itc: torch.Tensor
-    loss_itm: torch.Tensor
-    loss_itg: torch.Tensor
-    temperature: torch.Tensor
-    sim_i2t: torch.Tensor
-    sim_t2i: torch.Tensor
-    itm_logits: torch.Tensor
-    itg_logits: torch.Tensor
-    query_output: torch.Tensor
-    negative_texts: torch.Tensor
-    negative_images: torch.Tensor
+    loss: torch.Tensor | None = None
+    loss_itc: torch.Tensor | None = None
+    loss_itm: torch.Tensor | None = None
+    loss_itg: torch.Tensor | None = None
+    temperature: torch.Tensor | None = None
+    sim_i2t: torch.Tensor | None = None
+    sim_t2i: torch.Tensor | None = None
+    itm_logits: torch.Tensor | None = None
+    itg_logits: torch.Tensor | None = None
+    query_output: torch.Tensor | None = None
+    negative_texts: torch.Tensor | None = None
+    negative_images: torch.Tensor | None = None
 
 
 @dataclass
-class Stage2Output:
-    """Loss and logits of one stage-2 step.
+class Stage2Output(ModelOutput):
+    """Loss and logits of one stage-2 step (a ``ModelOutput``, see :class:`Stage1Output`).
 
     Attributes:
         loss: () weighted LM loss; call ``backward()`` on it.
@@ -92,10 +97,10 @@ class Stage2Output:
         query_output: (B, Q, H) last-layer query outputs of the images.
     """
 
-    loss: torch.Tensor
-    loss_lm: torch.Tensor
-    logits: torch.Tensor
-    query_output: torch.Tensor
+    loss: torch.Tensor | None = None
+    loss_lm: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    query_output: torch.Tensor | None = None
 
 
 class Blip2Pretrainer(nn.Module):
@@ -187,6 +192,10 @@ class Blip2Pretrainer(nn.Module):
             return self.forward_stage1(**batch)
         return self.forward_stage2(**batch)
 
+    def _queries(self, batch: int) -> torch.Tensor:
+        """(B, Q, H) the learned query tokens for a batch."""
+        return self.query_tokens.expand(batch, -1, -1)
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, P, D) ``ln_vision``-normalised frozen tower tokens."""
         features = encode_images(self.vision_model, pixel_values)  # (B, P, D)
@@ -194,7 +203,7 @@ class Blip2Pretrainer(nn.Module):
 
     def query_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, P, D) image tokens -> (B, Q, H) last-layer outputs of the queries alone."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, H)
+        queries = self._queries(image_embeds.shape[0])  # (B, Q, H)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds)
         return out.last_hidden_state
 
@@ -241,8 +250,7 @@ class Blip2Pretrainer(nn.Module):
             text_feat,
             all_gather_with_grad(image_feats, ctx),  # (N, Q, E)
             all_gather_with_grad(text_feat, ctx),  # (N, E)
-            # A copy: ZeRO-3 empties the parameter after forward, and division saves its operand.
-            self.temp.clone(),
+            self.temp,
             rank=ctx.rank,
             label_smoothing=losses.label_smoothing,
         )
@@ -289,7 +297,7 @@ class Blip2Pretrainer(nn.Module):
         num_queries = self.num_query_tokens
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.dec_token_id
-        queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)  # (B, Q, H)
+        queries = self._queries(input_ids.shape[0])  # (B, Q, H)
         hidden = self.qformer(
             query_embeds=self.embeddings(input_ids=decoder_ids, query_embeds=queries),
             query_length=num_queries,
@@ -312,7 +320,7 @@ class Blip2Pretrainer(nn.Module):
         ids = torch.cat([input_ids, input_ids, negative_ids])  # (3B, T)
         text_mask = torch.cat([attention_mask, attention_mask, negative_mask])  # (3B, T)
         images = torch.cat([image_embeds, negative_image_embeds, image_embeds])  # (3B, P, D)
-        queries = self.query_tokens.expand(ids.shape[0], -1, -1)  # (3B, Q, H)
+        queries = self._queries(ids.shape[0])  # (3B, Q, H)
         query_mask = text_mask.new_ones(queries.shape[:2])  # (3B, Q)
         hidden = self.qformer(
             query_embeds=self.embeddings(input_ids=ids, query_embeds=queries),

@@ -142,23 +142,12 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
 
 
 def _ray_storage(run_dir: Location):
-    """Ray Train's (filesystem, path) for the run folder: S3 natively, local as a path."""
+    """Ray Train's (filesystem, path) for the run folder: local as a path, S3 through s3fs
+    (pyarrow's own S3 client uploads even empty marker files as multipart uploads, which
+    S3-compatible stores such as moto reject)."""
     if run_dir.is_local:
         return None, run_dir.url
-    import pyarrow.fs as pafs
-
-    options = run_dir.options
-    endpoint = options.get("endpoint_url")
-    kwargs = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host, scheme=scheme)
-    region = options.get("client_kwargs", {}).get("region_name")
-    if region:
-        kwargs["region"] = region
-    if options.get("anon"):
-        kwargs["anonymous"] = True
-    return pafs.S3FileSystem(**kwargs), run_dir.url.split("://", 1)[1]
+    return run_dir.pyarrow_filesystem(), run_dir.filesystem()[1]
 
 
 def _storage_url(run_dir: Location, path: str) -> str:

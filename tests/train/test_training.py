@@ -1,0 +1,149 @@
+"""Training runs on a real local Ray with real DeepSpeed: curricula, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.model import Blip2Pretrainer
+from pipeline.train.run import run_training
+from pipeline.train.worker import model_spec_for
+from tests.train.conftest import job_spec, tiny_job
+
+FROZEN_PREFIXES = ("vision_model.", "language_model.")
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in (folder / "ds").iterdir())
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage):
+    job = job_spec(tiny_job("curriculum", str(tmp_path), prepared_demo, zero_stage=zero_stage))
+    summary = run_training(job)
+    run = tmp_path / "curriculum"
+
+    assert [s["stage"] for s in summary["stages"]] == ["stage1", "stage2"]
+    assert [s["step"] for s in summary["stages"]] == [6, 4]
+    for stage, steps, losses in (("stage1", 6, {"loss_itc", "loss_itm", "loss_itg"}), ("stage2", 4, {"loss_lm"})):
+        records = _metrics(run / stage / "metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
+        assert losses <= set(records[0]) and {"lr", "samples_per_s", "tokens_per_s", "data_wait_s"} <= set(records[0])
+        assert (run / stage / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert sorted(p.name for p in (run / stage).glob("step-*")) == ["step-00000003", f"step-{steps:08d}"]
+
+    # Checkpoints hold the trainable parameters only.
+    final1 = Path(summary["stages"][0]["checkpoint"])
+    model = Blip2Pretrainer(model_spec_for(job, job.stages[0]), stage=1)
+    counts = model.parameter_counts()
+    trainable = load_file(final1 / "trainable.safetensors")
+    assert not [k for k in trainable if k.startswith(FROZEN_PREFIXES)]
+    assert sum(t.numel() for t in trainable.values()) == counts.trainable
+    # fp32 weights + Adam moments (+ ZeRO bookkeeping), far below what frozen towers would add.
+    assert _checkpoint_bytes(final1) < counts.trainable * 4 * 4 + 2_000_000
+    if zero_stage == 2:
+        module = torch.load(final1 / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert module and not [k for k in module if k.startswith(FROZEN_PREFIXES)]
+
+    # Stage 2 started from stage 1's trained Q-Former, not from a fresh initialisation.
+    stage2 = Blip2Pretrainer(model_spec_for(job, job.stages[1]), stage=2)
+    fresh = stage2.trainable_state_dict()
+    final2 = load_file(Path(summary["stages"][1]["checkpoint"]) / "trainable.safetensors")
+    shared = [k for k in final2 if k.startswith("qformer.") and k in trainable]
+    assert shared
+    moved_from_stage1 = max(float((final2[k] - trainable[k]).abs().max()) for k in shared)
+    distance_to_fresh = max(float((final2[k] - fresh[k]).abs().max()) for k in shared)
+    assert moved_from_stage1 < distance_to_fresh
+
+
+def _train_worker_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
+    raw = tiny_job("worker-kill", str(tmp_path), prepared_demo, stage1_steps=12, stage2_steps=None,
+                   checkpoint_every=4)
+    run = tmp_path / "worker-kill" / "stage1"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (run / "step-00000004" / "metadata.json").exists():
+            time.sleep(0.1)
+        time.sleep(0.5)
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_training(job_spec(raw))
+    killer.join()
+
+    assert killed, "no Ray Train worker was found to kill"
+    assert summary["stages"][0]["step"] == 12
+    steps = [r["step"] for r in _metrics(run / "metrics.jsonl")]
+    assert steps == list(range(1, 13)), "metrics must cover every step exactly once after the restart"
+
+
+def _start_train(spec: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(spec)],
+                            env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepared_demo, tmp_path, s3_endpoint):
+    import s3fs
+
+    reference = run_training(job_spec(tiny_job("reference", str(tmp_path), prepared_demo,
+                                               stage1_steps=8, stage2_steps=None, checkpoint_every=4)))
+    expected = _metrics(tmp_path / "reference" / "stage1" / "metrics.jsonl")
+    assert reference["stages"][0]["step"] == 8
+
+    raw = tiny_job("resumed", "s3://test-bucket/runs", prepared_demo, stage1_steps=8,
+                   stage2_steps=None, checkpoint_every=4, endpoint_url=s3_endpoint)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    first = _start_train(spec)
+    deadline = time.monotonic() + 300
+    while not fs.exists("test-bucket/runs/resumed/stage1/step-00000004/metadata.json"):
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+        fs.invalidate_cache()
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not fs.exists("test-bucket/runs/resumed/stage1/complete.json")
+
+    second = _start_train(spec)
+    output, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, output
+    assert "resumed at step" in output
+
+    fs.invalidate_cache()
+    resumed = [json.loads(line) for line in fs.cat_file("test-bucket/runs/resumed/stage1/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for mine, theirs in zip(resumed, expected):
+        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "samples_seen"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
+    complete = json.loads(fs.cat_file("test-bucket/runs/resumed/stage1/complete.json"))
+    assert complete["step"] == 8 and complete["checkpoint"].startswith("s3://test-bucket/runs/resumed/stage1/")
