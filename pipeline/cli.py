@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     bench_prep.add_argument("--shards", type=_positive_int, default=8)
     bench_prep.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     bench_prep.set_defaults(handler=_bench_prep)
+    bench_train = benches.add_parser("train", help="Ray Train + DeepSpeed vs a plain PyTorch loop")
+    bench_train.add_argument("--steps", type=_positive_int, default=60)
+    bench_train.add_argument("--batch-size", type=_positive_int, default=16)
+    bench_train.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    bench_train.set_defaults(handler=_bench_train)
     return parser
 
 
@@ -133,6 +138,7 @@ def _train(args) -> int:
         losses = {k: round(v, 4) for k, v in (stage.get("final_metrics") or {}).items() if k.startswith("loss")}
         print(f"stage {stage['stage']}: {stage['step']} steps, {stage['samples_seen']} samples, "
               f"final {losses}; plot {stage['plot']}")
+    print(f"vision tower: {summary['vision_tower']}")
     print(f"run folder: {summary['run']}")
     return 0
 
@@ -149,4 +155,11 @@ def _bench_prep(args) -> int:
     from pipeline.bench.prep import run_prep_benchmark
 
     run_prep_benchmark(args.samples, args.image_size, args.shards, args.workdir)
+    return 0
+
+
+def _bench_train(args) -> int:
+    from pipeline.bench.train import run_train_benchmark
+
+    run_train_benchmark(args.steps, args.batch_size, args.workdir)
     return 0

@@ -44,6 +44,10 @@ class VisionTowerSpec(SpecModel):
     drop_last_layer: bool = True
     """Use the second-to-last layer's features, as BLIP-2 does."""
 
+    fallback: str | None = None
+    """A tower to use instead when ``name`` is neither a local folder nor reachable on the hub
+    (e.g. ``tiny:vit``, randomly initialised). The run then says plainly that it used it."""
+
     image_size: int | None = Field(default=None, ge=8)
     """Side of the square input images in pixels; ``None`` takes the tower's own size (its image
     processor's crop size, else its config's ``image_size``)."""

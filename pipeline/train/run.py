@@ -34,10 +34,11 @@ def run_dir_of(job: JobSpec) -> Location:
 def run_training(job: JobSpec) -> dict:
     """Run every unfinished stage in order; returns a summary (also ``summary.json``)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    job, vision_note = resolve_model_paths(job)
     ensure_ray(job.run.ray_address)
     run_dir = run_dir_of(job)
     shards = _training_shards(job, run_dir)
-    summary = {"run": run_dir.url, "stages": []}
+    summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
     previous: Location | None = None
     for index, stage in enumerate(job.stages):
         marker = run_dir.child(stage.name, COMPLETE)
@@ -52,6 +53,45 @@ def run_training(job: JobSpec) -> dict:
         summary["stages"].append(done)
     write_bytes_atomic(run_dir.child("summary.json"), json.dumps(summary, indent=1).encode())
     return summary
+
+
+def resolve_model_paths(job: JobSpec) -> tuple[JobSpec, str]:
+    """Make local model folders absolute (workers may run elsewhere) and apply the vision
+    tower's fallback when its ``name`` cannot be reached; returns the job and a note saying
+    which tower is used."""
+    model = job.model
+    vision = model.vision
+    note = vision.name
+    if vision.fallback and not _loadable(vision.name):
+        log.warning(
+            "WARNING: vision tower %r is not reachable (no such folder, no hub access); using the "
+            "fallback %r, a randomly initialised tower: this run does NOT use pretrained vision "
+            "features", vision.name, vision.fallback,
+        )
+        vision = vision.model_copy(update={"name": vision.fallback})
+        note = f"{vision.fallback} (FALLBACK, randomly initialised: {model.vision.name} was not reachable)"
+    model = model.model_copy(update={
+        "vision": vision.model_copy(update={"name": _absolute(vision.name)}),
+        "qformer": model.qformer.model_copy(update={"bert": _absolute(model.qformer.bert)}),
+        "llm": model.llm.model_copy(update={"name": _absolute(model.llm.name)}),
+    })
+    return job.model_copy(update={"model": model}), note
+
+
+def _absolute(name: str) -> str:
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def _loadable(name: str) -> bool:
+    from transformers import AutoConfig
+
+    from pipeline.assets import resolve_model
+
+    try:
+        AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
