@@ -44,7 +44,12 @@ from pipeline.model.qformer import (
     qformer_config,
     unilm_attention_mask,
 )
-from pipeline.model.vision import encode_images, load_vision_tower, vision_width
+from pipeline.model.vision import (
+    adopt_output_norm,
+    encode_images,
+    load_vision_tower,
+    vision_width,
+)
 
 Stage = Literal[1, 2]
 
@@ -135,6 +140,7 @@ class Blip2Pretrainer(nn.Module):
 
         self.vision_model = load_vision_tower(spec.vision)
         self.ln_vision = nn.LayerNorm(vision_width(self.vision_model))
+        adopt_output_norm(self.vision_model, self.ln_vision)
 
         bert = load_bert_config(q_spec)
         vocab_size = bert.vocab_size

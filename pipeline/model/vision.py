@@ -280,6 +280,27 @@ def drop_last_layer(model: PreTrainedModel) -> None:
     model.config.num_hidden_layers = depth - 1
 
 
+def adopt_output_norm(tower: PreTrainedModel, ln_vision: nn.LayerNorm) -> bool:
+    """Make the trainable ``ln_vision`` take over a BLIP-2 tower's final LayerNorm.
+
+    A BLIP-2 checkpoint stores the stage-1-trained ``ln_vision`` as its vision tower's
+    ``post_layernorm``. Applying both would normalise twice; instead ``ln_vision`` starts from
+    those weights and the tower's copy becomes an identity, so features, training and export
+    (``ln_vision`` -> ``vision_model.post_layernorm``) all match the paper's model.
+
+    Returns:
+        Whether the tower had such a norm.
+    """
+    norm = getattr(tower, "post_layernorm", None)
+    if tower.config.model_type != "blip_2_vision_model" or not isinstance(norm, nn.LayerNorm):
+        return False
+    with torch.no_grad():
+        ln_vision.weight.copy_(norm.weight)
+        ln_vision.bias.copy_(norm.bias)
+    tower.post_layernorm = nn.Identity()
+    return True
+
+
 def vision_width(model: PreTrainedModel) -> int:
     """Width of the tower's output tokens."""
     return model.config.hidden_size

@@ -57,7 +57,11 @@ def blip2():
     config = Blip2Config(
         vision_config=vision, qformer_config=qformer, text_config=text.to_dict(), num_query_tokens=4
     )
-    return Blip2ForConditionalGeneration(config).eval()
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a final norm that looks trained, so copying it is observable
+        model.vision_model.post_layernorm.weight.uniform_(0.5, 1.5)
+        model.vision_model.post_layernorm.bias.normal_(0.0, 0.1)
+    return model
 
 
 def _vision_state(model: Blip2ForConditionalGeneration) -> dict[str, torch.Tensor]:
@@ -201,3 +205,18 @@ def test_image_preprocessing_of_a_blip2_checkpoint(blip2, tmp_path):
     # Without a processor file: ImageNet statistics and the vision config's image size.
     (folder / "preprocessor_config.json").unlink()
     assert image_preprocessing(VisionTowerSpec(name=str(folder))).image_size == IMAGE_SIZE
+
+
+def test_ln_vision_takes_over_the_towers_final_norm(blip2, tmp_path):
+    from pipeline.model.vision import adopt_output_norm
+
+    tower = load_vision_tower(VisionTowerSpec(name=str(_save(blip2, tmp_path, "single")),
+                                              dtype="float32", drop_last_layer=False))
+    ln_vision = torch.nn.LayerNorm(32)
+    assert adopt_output_norm(tower, ln_vision)
+    torch.testing.assert_close(ln_vision.weight, blip2.vision_model.post_layernorm.weight)
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        reference = blip2.vision_model(pixel_values=pixels).last_hidden_state  # normalised once
+        torch.testing.assert_close(ln_vision(encode_images(tower, pixels)), reference)
+        assert not torch.allclose(encode_images(tower, pixels), reference)
