@@ -63,10 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     bench_prep = benches.add_parser("prep", help="prep pipeline vs a plain single-process loop")
-    bench_prep.add_argument("--samples", type=_positive_int, default=4000)
+    bench_prep.add_argument("--samples", type=_positive_int, default=8000)
     bench_prep.add_argument("--image-size", type=_positive_int, default=768,
                             help="shorter side of the generated 4:3 JPEGs (both paths output 224)")
-    bench_prep.add_argument("--shards", type=_positive_int, default=8)
+    bench_prep.add_argument("--shards", type=_positive_int, default=16)
     bench_prep.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     bench_prep.set_defaults(handler=_bench_prep)
     bench_train = benches.add_parser("train", help="Ray Train + DeepSpeed vs a plain PyTorch loop")
