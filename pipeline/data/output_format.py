@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-ROW_COLUMNS = ("key", "source", "caption", "image", "original_width", "original_height", "metadata")
-
-
 def output_schema(qformer_length: int, llm_length: int | None) -> pa.Schema:
     """Schema of a prepared shard for the configured token lengths."""
     fields = [
