@@ -37,7 +37,8 @@ def ray_2cpus():
     from pipeline.ray_runtime import ensure_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # "local": a new instance even if a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ensure_ray()
     yield ray
     ray.shutdown()

@@ -52,7 +52,7 @@ def _rows(out: Path) -> dict[str, tuple]:
 
 
 def _start(spec_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     return subprocess.Popen([sys.executable, "-m", "pipeline", "prep", str(spec_path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

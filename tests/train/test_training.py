@@ -106,7 +106,7 @@ def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
 
 def _start_train(spec: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(spec)],
-                            env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
+                            env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
