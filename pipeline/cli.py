@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     _spec_arguments(train)
     train.set_defaults(handler=_train)
 
+    _cluster_commands(commands)
+
     demo = commands.add_parser("demo-corpus", help="write the easy-VQA demo corpus as shards")
     demo.add_argument("out", help="output folder (local or s3://)")
     demo.add_argument("--samples", type=_positive_int, default=None)
@@ -75,6 +77,43 @@ def _parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     bench_train.set_defaults(handler=_bench_train)
     return parser
+
+
+def _cluster_commands(commands) -> None:
+    """``qformer submit`` and ``qformer jobs``: Ray Jobs on a cluster (pipeline.submit)."""
+    address = dict(help="the Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    submit = commands.add_parser(
+        "submit", help="run a job spec as a Ray Job on a cluster (qformer train, or prep)")
+    _spec_arguments(submit)
+    submit.add_argument("--address", **address)
+    submit.add_argument("--working-dir", default=None,
+                        help="folder uploaded as the job's working dir (default: this repository; "
+                             "runs/, data/, .git and caches are never uploaded)")
+    submit.add_argument("--no-wait", dest="wait", action="store_false",
+                        help="print the submission id and return instead of streaming the logs")
+    submit.add_argument("--runtime-env-pip", dest="pip", action="extend", nargs="+", default=[],
+                        metavar="PKG", help="pip requirements installed into the job's runtime env")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job (secrets go here, never in the "
+                             "spec; KEY alone forwards this shell's value); repeatable")
+    submit.add_argument("--resume", action="store_true",
+                        help="continue a finished run under a new submission id (qformer-NAME-rN)")
+    submit.set_defaults(handler=_submit)
+
+    jobs = commands.add_parser("jobs", help="list, inspect, follow or stop Ray Jobs on a cluster")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="the cluster's submitted jobs")
+    listing.add_argument("--address", **address)
+    status = actions.add_parser("status", help="one job's status and details")
+    logs = actions.add_parser("logs", help="one job's logs")
+    logs.add_argument("--follow", action="store_true",
+                      help="stream until the job ends; exit 0 if it succeeded, 1 if not")
+    stop = actions.add_parser("stop", help="stop a job")
+    for action in (status, logs, stop):
+        action.add_argument("id", help="submission id (qformer jobs list shows them)")
+        action.add_argument("--address", **address)
+    for action in (listing, status, logs, stop):
+        action.set_defaults(handler=_jobs)
 
 
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +180,37 @@ def _train(args) -> int:
     print(f"vision tower: {summary['vision_tower']}")
     print(f"run folder: {summary['run']}")
     return 0
+
+
+def _submit(args) -> int:
+    from pipeline.submit import SubmitError, SubmitRequest, submit
+
+    request = SubmitRequest(
+        spec_path=args.spec, address=args.address, overrides=args.overrides,
+        working_dir=args.working_dir, wait=args.wait, pip=args.pip, env=args.env,
+        resume=args.resume,
+    )
+    try:
+        return submit(request)
+    except SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _jobs(args) -> int:
+    from pipeline import submit
+
+    try:
+        if args.action == "list":
+            return submit.list_jobs(args.address)
+        if args.action == "status":
+            return submit.job_status(args.address, args.id)
+        if args.action == "logs":
+            return submit.job_logs(args.address, args.id, follow_logs=args.follow)
+        return submit.stop_job(args.address, args.id)
+    except submit.SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def _demo_corpus(args) -> int:
