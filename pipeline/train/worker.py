@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -14,9 +13,6 @@ from pipeline.io.storage import Location
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
 
-# Ray Train routes print() to the root logger and also tees it to stdout, so every line would
-# show twice on the driver; a logger shows once.
-log = logging.getLogger("qformer.train")
 STAGE1_LOSS_FIELDS = {"itc": "loss_itc", "itm": "loss_itm", "itg": "loss_itg"}
 
 
@@ -93,8 +89,8 @@ def train_stage(config: dict) -> None:
     if task.init_weights is not None:
         missing, _ = model.load_trainable_state_dict(load_trainable_weights(task.init_weights), strict=False)
         if rank == 0:
-            log.info("[%s] initialised from %s; new (not in the source): %s",
-                     stage.name, task.init_weights.url, missing or "none")
+            print(f"[{stage.name}] initialised from {task.init_weights.url}; "
+                  f"new (not in the source): {missing or 'none'}", flush=True)
     optimizer = build_optimizer(model, stage.optimizer)
     scheduler = build_scheduler(optimizer, stage.optimizer, stage.steps)
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -106,7 +102,7 @@ def train_stage(config: dict) -> None:
     start_step = restored[0]["step"] if restored else 0
     metrics_log = MetricsLog(task.run_dir.child(stage.name, "metrics.jsonl"), start_step) if rank == 0 else None
     if rank == 0 and restored:
-        log.info("[%s] resumed at step %d/%d", stage.name, start_step, stage.steps)
+        print(f"[{stage.name}] resumed at step {start_step}/{stage.steps}", flush=True)
 
     accumulation = job.deepspeed.gradient_accumulation_steps
     preprocessing = image_preprocessing(model_spec.vision)
@@ -205,7 +201,8 @@ def _print_progress(stage: StageSpec, record: dict, started: float, start_step: 
     eta = elapsed / max(1, done - start_step) * (stage.steps - done)
     losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
     wait = 100 * record["data_wait_s"] / max(record["step_time_s"], 1e-9)
-    log.info(
-        "[%s] step %d/%d | %s | lr %.2e | %.1f samples/s | data wait %.0f%% | ETA %.0fs",
-        stage.name, done, stage.steps, losses, record["lr"], record["samples_per_s"], wait, eta,
+    print(
+        f"[{stage.name}] step {done}/{stage.steps} | {losses} | lr {record['lr']:.2e} | "
+        f"{record['samples_per_s']:.1f} samples/s | data wait {wait:.0f}% | ETA {eta:.0f}s",
+        flush=True,
     )
