@@ -49,8 +49,13 @@ def all_gather(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """
     if ctx.world_size == 1:
         return tensor.detach()
-    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, tensor.detach().contiguous())
+    return _gather_rows(tensor.detach(), ctx.world_size)
+
+
+def _gather_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """(N, ...) on every rank -> (world_size * N, ...), no autograd."""
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
@@ -58,9 +63,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(autograd_ctx, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
         autograd_ctx.rank, autograd_ctx.rows = rank, tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        return _gather_rows(tensor, world_size)
 
     @staticmethod
     def backward(autograd_ctx, grad: torch.Tensor):
