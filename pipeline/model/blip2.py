@@ -243,14 +243,9 @@ class Blip2Pretrainer(nn.Module):
 
         image_embeds = self.encode_image(pixel_values)  # (B, P, D)
         query_output, itg_logits = self._generative_pass(image_embeds, input_ids, attention_mask)
-        text_output = self.qformer(
-            query_embeds=self.embeddings(input_ids=input_ids),
-            query_length=0,
-            attention_mask=attention_mask,
-        ).last_hidden_state  # (B, T, H)
 
-        image_feats = F.normalize(self.vision_projection(query_output), dim=-1)  # (B, Q, E)
-        text_feat = F.normalize(self.text_projection(text_output[:, 0]), dim=-1)  # (B, E)
+        image_feats = self.image_features(query_output)  # (B, Q, E)
+        text_feat = self.text_features(input_ids, attention_mask)  # (B, E)
         itc = contrastive_loss(
             image_feats,
             text_feat,
@@ -326,15 +321,36 @@ class Blip2Pretrainer(nn.Module):
         ids = torch.cat([input_ids, input_ids, negative_ids])  # (3B, T)
         text_mask = torch.cat([attention_mask, attention_mask, negative_mask])  # (3B, T)
         images = torch.cat([image_embeds, negative_image_embeds, image_embeds])  # (3B, P, D)
-        queries = self._queries(ids.shape[0])  # (3B, Q, H)
-        query_mask = text_mask.new_ones(queries.shape[:2])  # (3B, Q)
+        return self.match_logits(images, ids, text_mask)  # (3B, 2)
+
+    def image_features(self, query_output: torch.Tensor) -> torch.Tensor:
+        """(B, Q, H) query outputs -> (B, Q, E) L2-normalised ITC image features."""
+        return F.normalize(self.vision_projection(query_output), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ``[CLS] caption [SEP]`` ids and mask -> (B, E) L2-normalised ITC text features
+        (a text-only Q-Former pass; the ``[CLS]`` output is projected)."""
+        text_output = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids),
+            query_length=0,
+            attention_mask=attention_mask,
+        ).last_hidden_state  # (B, T, H)
+        return F.normalize(self.text_projection(text_output[:, 0]), dim=-1)
+
+    def match_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITM logits (no match, match) of image/caption pairs: (B, P, D) image tokens and (B, T)
+        caption ids and mask -> (B, 2), the ``itm_head`` averaged over the query outputs."""
+        queries = self._queries(input_ids.shape[0])  # (B, Q, H)
+        query_mask = attention_mask.new_ones(queries.shape[:2])  # (B, Q)
         hidden = self.qformer(
-            query_embeds=self.embeddings(input_ids=ids, query_embeds=queries),
+            query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
             query_length=self.num_query_tokens,
-            attention_mask=torch.cat([query_mask, text_mask], dim=1),
-            encoder_hidden_states=images,
-        ).last_hidden_state  # (3B, Q + T, H)
-        return self.itm_head(hidden[:, : self.num_query_tokens]).mean(dim=1)  # (3B, 2)
+            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state  # (B, Q + T, H)
+        return self.itm_head(hidden[:, : self.num_query_tokens]).mean(dim=1)  # (B, 2)
 
     def forward_stage2(
         self,
