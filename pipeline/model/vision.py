@@ -297,6 +297,8 @@ def adopt_output_norm(tower: PreTrainedModel, ln_vision: nn.LayerNorm) -> bool:
     with torch.no_grad():
         ln_vision.weight.copy_(norm.weight)
         ln_vision.bias.copy_(norm.bias)
+    # The checkpoint's eps (1e-6 for EVA ViT-g) too, so ln_vision computes exactly its norm.
+    ln_vision.eps = norm.eps
     tower.post_layernorm = nn.Identity()
     return True
 

@@ -215,6 +215,7 @@ def test_ln_vision_takes_over_the_towers_final_norm(blip2, tmp_path):
     ln_vision = torch.nn.LayerNorm(32)
     assert adopt_output_norm(tower, ln_vision)
     torch.testing.assert_close(ln_vision.weight, blip2.vision_model.post_layernorm.weight)
+    assert ln_vision.eps == blip2.vision_model.post_layernorm.eps == 1e-6  # not LayerNorm's 1e-5
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         reference = blip2.vision_model(pixel_values=pixels).last_hidden_state  # normalised once
