@@ -153,6 +153,19 @@ def shards_from_manifest(manifest: Location) -> tuple[Location, ...]:
     return shards
 
 
+def placeholder_batch(config: LoaderConfig) -> Batch:
+    """A batch of the stream's shapes, all zeros (masks all ones), with no sample in it: fed with
+    loss weight 0 where a worker has no data for a micro-step but must join its collectives."""
+    _, types = _read_footer(config.shards[0], config.columns)
+    size, batch = config.image_size, config.batch_size
+    inputs = {"pixel_values": torch.zeros(batch, 3, size, size)}  # (B, 3, S, S)
+    for column, name in _TEXT_COLUMNS[config.text].items():
+        length = types[column].list_size
+        fill = torch.ones if column.endswith("attention_mask") else torch.zeros
+        inputs[name] = fill(batch, length, dtype=torch.int64)  # (B, L)
+    return Batch(inputs, step=-1, epoch=-1, sample_keys=())
+
+
 @dataclass(frozen=True)
 class _RowGroups:
     """Every non-empty row group of the corpus, in (shard, row group) order."""

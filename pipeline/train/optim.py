@@ -46,11 +46,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimizerSpec, total
     )
 
 
-def deepspeed_config(spec: DeepSpeedSpec, stage: StageSpec) -> dict[str, Any]:
-    """The DeepSpeed config of one stage (optimizer and scheduler are passed as objects)."""
+def deepspeed_config(spec: DeepSpeedSpec, stage: StageSpec, streams_per_worker: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config of one stage (optimizer and scheduler are passed as objects).
+
+    A worker that trains several data streams runs their batches as extra accumulation
+    micro-steps, so DeepSpeed accumulates ``gradient_accumulation_steps * streams_per_worker``.
+    """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": stage.batch_size,
-        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps * streams_per_worker,
         "gradient_clipping": spec.gradient_clipping,
         "zero_optimization": {"stage": spec.zero_stage},
         "bf16": {"enabled": spec.precision == "bf16"},

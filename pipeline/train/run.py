@@ -152,7 +152,8 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
         train_loop_config=task.to_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=(scaling.min_workers, scaling.workers) if scaling.min_workers else scaling.workers,
+            use_gpu=use_gpu, resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=stage.name,
@@ -162,7 +163,8 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
         ),
     )
-    log.info("train: stage %s (%d steps, %d workers)", stage.name, stage.steps, scaling.workers)
+    workers = f"{scaling.min_workers}-{scaling.workers}" if scaling.min_workers else str(scaling.workers)
+    log.info("train: stage %s (%d steps, %s workers)", stage.name, stage.steps, workers)
     started = time.monotonic()
     result = trainer.fit()
     if result.error is not None or result.checkpoint is None:
