@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--batch-size", type=_positive_int, default=16)
     bench_train.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     bench_train.set_defaults(handler=_bench_train)
+    _export_command(commands)
     return parser
 
 
@@ -232,4 +233,64 @@ def _bench_train(args) -> int:
     from pipeline.bench.train import run_train_benchmark
 
     run_train_benchmark(args.steps, args.batch_size, args.workdir)
+    return 0
+
+
+def _export_command(commands) -> None:
+    """``qformer export``: a checkpoint as a transformers Blip2 folder (pipeline.export)."""
+    export = commands.add_parser(
+        "export", help="write a checkpoint as a transformers Blip2 model folder (or our own format)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Write a training checkpoint's trained weights, with the frozen towers its spec names, as a\n"
+            "folder plain transformers loads: Blip2ForImageTextRetrieval for a stage-1 checkpoint (ITC\n"
+            "similarities, ITM logits), Blip2ForConditionalGeneration for stage 2 (captioning), with the\n"
+            "Blip2Processor and tokenizer files. Where transformers' Blip2 classes cannot compute the\n"
+            "model exactly (a vision tower other than Blip2VisionModel, an LLM without a spare embedding\n"
+            "row for the <image> token, ...), --format auto writes our own format instead and says why:\n"
+            "trainable.safetensors + qformer_export.json + README.md, loaded with\n"
+            "pipeline.export.load_exported(OUT_DIR). Exit status 2: missing or invalid checkpoint,\n"
+            "unusable OUT_DIR, or --format transformers for a model it cannot represent."
+        ),
+    )
+    export.add_argument("checkpoint", help="checkpoint folder (metadata.json + trainable.safetensors), a "
+                                           "finished stage folder, or a run folder with --stage; local or s3://")
+    export.add_argument("out_dir", help="local folder to write (absent or empty)")
+    export.add_argument("--stage", default=None, help="stage name, when CHECKPOINT is a run folder")
+    export.add_argument("--format", dest="export_format", choices=("auto", "transformers", "own"),
+                        default="auto", help="auto: transformers when exact, else own (default)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export")
+    export.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// checkpoint")
+    export.add_argument("--region", default=None, help="S3 region")
+    export.add_argument("--profile", default=None, help="AWS profile for s3://")
+    export.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    export.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    import transformers
+
+    from pipeline.export import ExportError, export_checkpoint
+    from pipeline.io.storage import storage_options
+    from pipeline.spec.prep import StorageSpec
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    storage = StorageSpec(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile,
+                          anon=args.anon)
+    try:
+        result = export_checkpoint(
+            args.checkpoint, args.out_dir, stage=args.stage, export_format=args.export_format,
+            storage_options=storage_options(storage, args.checkpoint), overwrite=args.overwrite,
+        )
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    record = result.record
+    if record["format"] == "transformers":
+        print(f"exported {record['transformers_class']} to {result.out_dir}: load it with "
+              f"{record['transformers_class']}.from_pretrained and Blip2Processor.from_pretrained")
+    else:
+        print(f"exported in our own format to {result.out_dir}: load it with "
+              "pipeline.export.load_exported (see its README.md)")
     return 0
