@@ -259,7 +259,8 @@ def _export_command(commands) -> None:
     export.add_argument("--stage", default=None, help="stage name, when CHECKPOINT is a run folder")
     export.add_argument("--format", dest="export_format", choices=("auto", "transformers", "own"),
                         default="auto", help="auto: transformers when exact, else own (default)")
-    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it holds an earlier export")
     export.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// checkpoint")
     export.add_argument("--region", default=None, help="S3 region")
     export.add_argument("--profile", default=None, help="AWS profile for s3://")

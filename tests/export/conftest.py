@@ -152,7 +152,8 @@ def _random_batch(model: Blip2Pretrainer, seed: int) -> dict[str, torch.Tensor]:
     if model.stage == 1:
         tokenizer = build_qformer_tokenizer(model.spec.qformer)
         enc = tokenizer(texts, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
-        return {"pixel_values": pixels, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return {"pixel_values": pixels, "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"]}
     tokenizer = build_llm_tokenizer(model.spec.llm)
     enc = tokenizer([t + tokenizer.eos_token for t in texts], padding="max_length", max_length=8,
                     return_tensors="pt")

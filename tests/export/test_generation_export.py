@@ -29,7 +29,8 @@ def _our_inputs(model: Blip2Pretrainer, pixel_values: torch.Tensor, prompt: list
     """(B, Q + T, D) our LLM input: the visual prompt, then the prompt tokens."""
     embed = model.language_model.get_input_embeddings()
     visual = visual_prompt(model, pixel_values)  # (B, Q, D)
-    return torch.cat([visual, embed(torch.tensor(prompt, dtype=torch.long)).expand(len(visual), -1, -1)], dim=1)
+    prompt_embeds = embed(torch.tensor(prompt, dtype=torch.long))  # (T, D)
+    return torch.cat([visual, prompt_embeds.expand(len(visual), -1, -1)], dim=1)
 
 
 def _greedy(model: Blip2Pretrainer, inputs: torch.Tensor, steps: int) -> torch.Tensor:
@@ -46,7 +47,8 @@ def _greedy(model: Blip2Pretrainer, inputs: torch.Tensor, steps: int) -> torch.T
 def test_stage2_is_written_as_a_generation_model_folder(stage2):
     model, result, exported, processor = stage2
     record = result.record
-    assert record["format"] == "transformers" and record["transformers_class"] == "Blip2ForConditionalGeneration"
+    assert record["format"] == "transformers"
+    assert record["transformers_class"] == "Blip2ForConditionalGeneration"
     assert record["stage_name"] == "stage2" and record["not_exported"] == []
     assert (result.out_dir / "generation_config.json").is_file()
     config = exported.config
