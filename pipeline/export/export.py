@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 from pipeline.export.compat import transformers_blockers
 from pipeline.export.own_format import write_own_folder
@@ -84,10 +87,11 @@ def export_checkpoint(
         "export: %s (stage %s, model stage %d, step %d)",
         source.location.url, source.stage.name, source.model_stage, source.step,
     )
+    weights, weights_file = load_trainable(source)  # parsed: an unreadable file is refused
     if export_format == "own":
-        return _write(out, lambda folder: write_own_folder(source, _weights(source), folder, blockers=[]), [])
+        return _write(out, lambda folder: write_own_folder(source, weights_file, folder, blockers=[]), [])
 
-    model = _build_model(source)
+    model = _build_model(source, weights)
     tokenizer = _processor_tokenizer(source)
     blockers = transformers_blockers(model, tokenizer)
     if not blockers:
@@ -97,7 +101,7 @@ def export_checkpoint(
         raise ExportError("not exactly representable as a transformers Blip2 model: " + "; ".join(blockers))
     log.info("export: transformers' Blip2 classes cannot compute this model exactly (%s); "
              "writing our own format to %s", "; ".join(blockers), out)
-    return _write(out, lambda folder: write_own_folder(source, _weights(source), folder, blockers=blockers),
+    return _write(out, lambda folder: write_own_folder(source, weights_file, folder, blockers=blockers),
                   blockers)
 
 
@@ -113,7 +117,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def _write(out: Path, write, blockers: list[str]) -> ExportResult:
+def _write(out: Path, write: Callable[[Path], dict], blockers: list[str]) -> ExportResult:
     """Run ``write(folder)`` on a staging folder beside ``out``, then move it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -130,16 +134,11 @@ def _write(out: Path, write, blockers: list[str]) -> ExportResult:
     return ExportResult(out, record, blockers)
 
 
-def _weights(source: CheckpointSource) -> bytes:
-    return load_trainable(source)[1]  # parsed, so an unreadable file is refused, not copied
-
-
-def _build_model(source: CheckpointSource) -> Blip2Pretrainer:
+def _build_model(source: CheckpointSource, weights: dict[str, torch.Tensor]) -> Blip2Pretrainer:
     """Our model with the frozen towers of the spec and the checkpoint's trained weights."""
     spec = source.model_spec
     log.info("export: loading the frozen towers (vision %s%s)", spec.vision.name,
              f", LLM {spec.llm.name}" if source.model_stage == 2 else "")
-    weights, _ = load_trainable(source)
     return rebuild_model(spec, source.model_stage, weights, source.location.url)
 
 
