@@ -158,6 +158,11 @@ def write_transformers_folder(
         "transformers_class": type(exported).__name__,
         "image_token_index": token_id,
         "not_exported": _not_exported(model),
+        # 16-bit frozen towers run in float32 here unless loaded with a 16-bit dtype: outputs
+        # then agree to 16-bit precision rather than exactly (see the README).
+        "stored_dtype": "float32",
+        "frozen_tower_dtypes": {"vision": model.spec.vision.dtype,
+                                **({"llm": model.spec.llm.dtype} if model.stage == 2 else {})},
     }
     if model.stage == 1:
         details["temperature"] = float(model.temp.detach().clamp(
@@ -181,18 +186,22 @@ def _readme(model: Blip2Pretrainer, record: dict) -> str:
         f"Trained by qformer-pipeline, stage `{record['stage_name']}` (model stage "
         f"{record['stage']}), step {record['step']}; source checkpoint `{record['checkpoint']}`.\n"
         "This folder loads with plain transformers and computes what the trained model computes "
-        "(the export tests compare them).\n\n"
+        "(see Precision below; the export tests compare them).\n\n"
         "Files: `config.json` + `model.safetensors` (the whole model in float32: frozen towers "
         "and trained parts), processor and tokenizer files, `qformer_export.json` (the source, "
         "the model spec, versions, what was left out) and this README.\n\n"
     )
-    dtypes = {model.spec.vision.dtype} | ({model.spec.llm.dtype} if model.stage == 2 else set())
-    precision = (
-        f"Precision: training held the frozen towers in {' and '.join(sorted(dtypes))} and the "
-        "trained parts in float32; everything is stored in float32 here (16-bit weights widen "
-        "exactly). Load with `dtype=torch.bfloat16` to run in 16 bits; transformers keeps the "
-        "Q-Former and the query tokens in float32.\n\n"
-    )
+    dtypes = set(record["frozen_tower_dtypes"].values())
+    if dtypes == {"float32"}:
+        precision = "Precision: everything is float32, as in training; the outputs equal ours.\n\n"
+    else:
+        precision = (
+            f"Precision: training ran the frozen towers in {' and '.join(sorted(dtypes))} and the "
+            "trained parts in float32. Everything is stored in float32 here (16-bit weights widen "
+            "exactly), so loaded as it is the towers compute in float32 and the outputs agree "
+            "with training's to 16-bit precision, not bit for bit. `dtype=torch.bfloat16` runs "
+            "all but the Q-Former and the query tokens in 16 bits.\n\n"
+        )
     images = (
         "Images: the processor resizes the shorter side to the training size (bicubic), crops "
         "the centre square and normalises with the vision tower's mean and std, as the training "

@@ -50,7 +50,9 @@ def test_stage1_is_written_as_a_retrieval_model_folder(stage1):
     assert record["not_exported"] == sorted(
         ["temp", *(name for name, _ in model.named_parameters() if name.startswith("lm_head."))])
     assert record["temperature"] == pytest.approx(float(model.temp.detach()))
-    assert "Blip2ForImageTextRetrieval" in (result.out_dir / "README.md").read_text()
+    assert record["frozen_tower_dtypes"] == {"vision": "float32"} and record["stored_dtype"] == "float32"
+    readme = (result.out_dir / "README.md").read_text()
+    assert "Blip2ForImageTextRetrieval" in readme and "the outputs equal ours" in readme
 
 
 def test_trained_weights_are_the_exported_ones(stage1):
