@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     _cluster_commands(commands)
+    _eval_command(commands)
 
     demo = commands.add_parser("demo-corpus", help="write the easy-VQA demo corpus as shards")
     demo.add_argument("out", help="output folder (local or s3://)")
@@ -115,6 +116,31 @@ def _cluster_commands(commands) -> None:
         action.add_argument("--address", **address)
     for action in (listing, status, logs, stop):
         action.set_defaults(handler=_jobs)
+
+
+def _eval_command(commands) -> None:
+    """``qformer eval``: a checkpoint's metrics on a held-out set (pipeline.eval)."""
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint on held-out data: retrieval/ITM (stage 1) or captions (stage 2)")
+    evaluate.add_argument("checkpoint", help="checkpoint folder, or a stage or run folder (its final one)")
+    evaluate.add_argument("--data", required=True, action="append", metavar="SHARDS",
+                          help="prep output folder (manifest.json) or .parquet paths/globs; repeatable")
+    evaluate.add_argument("--split", default=None,
+                          help="use the prep output in this sub-folder of each --data folder, e.g. test")
+    evaluate.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
+    evaluate.add_argument("--max-samples", type=_positive_int, default=None)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=32)
+    evaluate.add_argument("--actors", type=_positive_int, default=None,
+                          help="scoring actors, one CPU each (default: every CPU of the cluster)")
+    evaluate.add_argument("--itm-top-k", type=int, default=8,
+                          help="stage 1: ITC candidates per image re-ranked by ITM (0: no ITM)")
+    evaluate.add_argument("--beams", type=_positive_int, default=1,
+                          help="stage 2: also caption with beam search of this width (1: greedy only)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=30)
+    evaluate.add_argument("--examples", type=_positive_int, default=16, help="samples on the sheet")
+    evaluate.add_argument("--endpoint-url", default=None, help="S3 endpoint of s3:// checkpoints/data")
+    evaluate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    evaluate.set_defaults(handler=_eval)
 
 
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +206,32 @@ def _train(args) -> int:
               f"final {losses}; plot {stage['plot']}")
     print(f"vision tower: {summary['vision_tower']}")
     print(f"run folder: {summary['run']}")
+    return 0
+
+
+def _eval(args) -> int:
+    from pipeline.eval.heldout import EvalError
+    from pipeline.eval.run import HEADLINE, EvalRequest, run_eval
+    from pipeline.spec.prep import StorageSpec
+
+    if args.itm_top_k < 0:
+        raise SpecError("--itm-top-k: must be >= 0")
+    request = EvalRequest(
+        checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
+        max_samples=args.max_samples, batch_size=args.batch_size, actors=args.actors,
+        itm_top_k=args.itm_top_k, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+        examples=args.examples, ray_address=args.address,
+        storage=StorageSpec(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
+    )
+    try:
+        report = run_eval(request)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    metrics = report["metrics"]
+    print(f"{report['stage']} step {report['step']} on {report['samples']} samples: " + ", ".join(
+        f"{name} {metrics[name]:.4f}" for name in HEADLINE if name in metrics))
+    print(f"eval.json: {report['eval_json']}; sheet: {report['sheet']['html']}, {report['sheet']['png']}")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Evaluation of training checkpoints: retrieval, matching and captioning metrics on held-out data."""

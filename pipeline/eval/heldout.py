@@ -1,0 +1,213 @@
+"""The held-out set of an evaluation: its prepared shards, its caption gallery, model inputs.
+
+Held-out data is prepared by ``qformer prep`` with the same image and tokenizer settings as the
+training data; the images are only resized (no augmentation) when they become model inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.io.storage import Location, exists, expand_inputs, read_bytes
+from pipeline.model.vision import ImagePreprocessing
+from pipeline.spec.prep import StorageSpec
+from pipeline.train.augment import TrainTransform, normalization_table, to_normalized_chw
+
+MANIFEST = "manifest.json"
+TEXT_COLUMNS = {
+    "qformer": ("qformer_input_ids", "qformer_attention_mask"),
+    "llm": ("llm_input_ids", "llm_attention_mask"),
+}
+
+
+class EvalError(RuntimeError):
+    """An evaluation cannot run as asked (no such checkpoint or data, mismatched tokens)."""
+
+
+@dataclass(frozen=True)
+class HeldOutData:
+    """Prepared shards to evaluate on.
+
+    Attributes:
+        shards: The ``.parquet`` shards, in corpus order.
+        manifest: The prep manifest when the data was given as a prep output folder.
+        source: What was asked for, for reports.
+    """
+
+    shards: tuple[Location, ...]
+    manifest: dict | None
+    source: str
+
+
+def resolve_data(data: list[str], split: str | None = None, storage: StorageSpec | None = None) -> HeldOutData:
+    """Find the prepared shards of ``data``.
+
+    Args:
+        data: Prep output folders (holding ``manifest.json``) or ``.parquet`` paths/globs,
+            local or ``s3://``.
+        split: A sub-folder of each folder that holds the prep output of that split, e.g.
+            ``test`` for ``DATA/test/manifest.json``; None uses the folders themselves.
+        storage: Endpoint options of ``s3://`` data.
+
+    Raises:
+        EvalError: a folder without a manifest, a pattern matching nothing, or no shard at all.
+    """
+    from pipeline.train.loader import shards_from_manifest
+
+    shards: list[Location] = []
+    manifest = None
+    for entry in data:
+        folder = Location.of(entry, storage)
+        if split:
+            folder = folder.child(split)
+        if exists(folder.child(MANIFEST)):
+            manifest = json.loads(read_bytes(folder.child(MANIFEST)))
+            try:
+                shards.extend(shards_from_manifest(folder.child(MANIFEST)))
+            except ValueError as err:
+                raise EvalError(str(err)) from None
+        elif split or not entry.rstrip("/").endswith((".parquet", "*")):
+            raise EvalError(f"data: {folder.url} has no {MANIFEST} (not a `qformer prep` output folder)")
+        else:
+            try:
+                shards.extend(expand_inputs([entry], storage))
+            except FileNotFoundError as err:
+                raise EvalError(f"data: {err}") from None
+    if not shards:
+        raise EvalError("data: no prepared shard given")
+    source = ", ".join(f"{d.rstrip('/')}/{split}" if split else d for d in data)
+    return HeldOutData(tuple(shards), manifest, source)
+
+
+def check_tokens(data: HeldOutData, model_stage: int, max_text_length: int) -> None:
+    """Refuse held-out data whose token columns the model cannot use.
+
+    Raises:
+        EvalError: a missing token column or a Q-Former token length other than the model's.
+    """
+    text = "qformer" if model_stage == 1 else "llm"
+    schema = read_schema(data.shards[0])
+    missing = [c for c in ("key", "caption", "image", *TEXT_COLUMNS[text]) if c not in schema.names]
+    if missing:
+        raise EvalError(f"data: {data.shards[0].url} has no column(s) {missing}; prepare the held-out "
+                        f"set with the training data's tokenizers")
+    if text == "qformer":
+        length = schema.field("qformer_input_ids").type.list_size
+        if length != max_text_length:
+            raise EvalError(f"data: Q-Former tokens of length {length}, but the model was trained "
+                            f"with max_text_length {max_text_length}")
+
+
+def read_schema(shard: Location) -> pa.Schema:
+    fs, path = shard.filesystem()
+    with fs.open(path, "rb") as handle:
+        return pq.read_schema(handle)
+
+
+def read_rows(shards: tuple[Location, ...], columns: list[str], limit: int | None = None) -> pa.Table:
+    """The first ``limit`` rows (all when None) of the shards, in corpus order."""
+    tables, rows = [], 0
+    for shard in shards:
+        fs, path = shard.filesystem()
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=columns)
+        tables.append(table)
+        rows += table.num_rows
+        if limit is not None and rows >= limit:
+            break
+    table = pa.concat_tables(tables)
+    return table if limit is None else table.slice(0, limit)
+
+
+@dataclass(frozen=True)
+class CaptionGallery:
+    """The distinct captions of a held-out set, in first-seen order, with their Q-Former tokens.
+
+    Attributes:
+        captions: (C,) the distinct caption strings.
+        input_ids: (C, T) their ``[CLS] caption [SEP]`` ids.
+        attention_mask: (C, T) their masks.
+        counts: (C,) how many held-out samples carry each caption.
+    """
+
+    captions: tuple[str, ...]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def read(cls, shards: tuple[Location, ...]) -> "CaptionGallery":
+        """The gallery of every row of ``shards``."""
+        table = read_rows(shards, ["caption", *TEXT_COLUMNS["qformer"]])
+        captions = table.column("caption").to_pylist()
+        first: dict[str, int] = {}
+        for row, caption in enumerate(captions):
+            first.setdefault(caption, row)
+        rows = np.fromiter(first.values(), np.int64, len(first))
+        counts = np.zeros(len(first), np.int64)
+        index = {caption: i for i, caption in enumerate(first)}
+        np.add.at(counts, [index[c] for c in captions], 1)
+        ids, mask = (token_matrix(table.column(c)) for c in TEXT_COLUMNS["qformer"])
+        return cls(tuple(first), ids[rows].numpy(), mask[rows].numpy(), counts)
+
+    def index_of(self, captions: list[str]) -> np.ndarray:
+        """(N,) gallery index of each caption.
+
+        Raises:
+            KeyError: a caption is not in the gallery.
+        """
+        index = {caption: i for i, caption in enumerate(self.captions)}
+        return np.array([index[c] for c in captions], np.int64)
+
+    def to_json(self) -> dict:
+        """The gallery as plain lists (it travels to Ray Data actors as a constructor argument)."""
+        return {"captions": list(self.captions), "input_ids": self.input_ids.tolist(),
+                "attention_mask": self.attention_mask.tolist(), "counts": self.counts.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CaptionGallery":
+        return cls(tuple(data["captions"]), np.asarray(data["input_ids"], np.int64),
+                   np.asarray(data["attention_mask"], np.int64), np.asarray(data["counts"], np.int64))
+
+
+def token_matrix(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    """A fixed-size list column -> (N, L) int64 tensor."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = array.flatten().to_numpy(zero_copy_only=False)  # (N * L,)
+    return torch.from_numpy(values.astype(np.int64).reshape(-1, array.type.list_size))
+
+
+class InputBuilder:
+    """Held-out rows -> model inputs: images resized (no augmentation) and normalised, tokens.
+
+    Args:
+        preprocessing: The vision tower's image size and normalisation.
+        text: Token columns to use: ``qformer`` (stage 1) or ``llm`` (stage 2).
+    """
+
+    def __init__(self, preprocessing: ImagePreprocessing, text: Literal["qformer", "llm"]):
+        self.size = preprocessing.image_size
+        self.transform = TrainTransform(preprocessing.image_size, augment=False)
+        self.table = normalization_table(preprocessing.mean, preprocessing.std)
+        self.text = text
+
+    def __call__(self, rows: pa.Table) -> dict[str, torch.Tensor]:
+        """``pixel_values`` (B, 3, S, S) and ``input_ids``/``attention_mask`` or
+        ``llm_input_ids``/``llm_attention_mask`` (B, L)."""
+        pixels = np.empty((rows.num_rows, 3, self.size, self.size), np.float32)  # (B, 3, S, S)
+        for j, data in enumerate(rows.column("image").to_pylist()):
+            to_normalized_chw(self.transform(data, None), self.table, pixels[j])
+        ids, mask = TEXT_COLUMNS[self.text]
+        names = ("input_ids", "attention_mask") if self.text == "qformer" else (ids, mask)
+        return {
+            "pixel_values": torch.from_numpy(pixels),
+            names[0]: token_matrix(rows.column(ids)),
+            names[1]: token_matrix(rows.column(mask)),
+        }
