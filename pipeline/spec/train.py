@@ -144,6 +144,25 @@ class AugmentSpec(SpecModel):
         return self
 
 
+class EvalSpec(SpecModel):
+    """Evaluation on a held-out set during a stage (the metrics of ``qformer eval``, logged as
+    ``eval_*`` records in the stage's ``metrics.jsonl`` and plotted in its ``loss.png``)."""
+
+    data: str
+    """Held-out ``qformer prep`` output folder (with ``manifest.json``) or ``.parquet`` glob,
+    prepared with the training data's image and tokenizer settings; ``data.storage`` applies."""
+    every: int = Field(ge=1)
+    """Evaluate every this many steps, and at the end of the stage."""
+    max_samples: int = Field(256, ge=1)
+    """Evaluate on the first N held-out samples (split between the workers)."""
+    batch_size: int = Field(32, ge=1)
+    """Samples per evaluation batch on each worker."""
+    itm_top_k: int = Field(4, ge=0)
+    """Stage 1: ITC candidates per image re-ranked by ITM, and ITM accuracy (0: no ITM)."""
+    max_new_tokens: int = Field(20, ge=1)
+    """Stage 2: longest greedily generated caption."""
+
+
 class StageSpec(SpecModel):
     """One stage of a curriculum."""
 
@@ -165,6 +184,8 @@ class StageSpec(SpecModel):
     init_from: str | None = None
     """Trainable weights to start from: the name of an earlier stage, or a checkpoint folder.
     None: the previous stage's result (the first stage starts from the model's initialisation)."""
+    eval: EvalSpec | None = None
+    """Periodic evaluation on a held-out set; None: none."""
 
     @property
     def model_stage(self) -> Literal[1, 2]:

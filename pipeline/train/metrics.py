@@ -8,6 +8,9 @@ import json
 from pipeline.io.storage import Location, atomic_write, exists, read_bytes
 
 LOSS_PREFIX = "loss"
+# Held-out metrics of periodic evaluation (pipeline.eval.periodic), all fractions in [0, 1].
+EVAL_SERIES = ("eval_caption_accuracy", "eval_t2i_r1", "eval_i2t_itm_r1", "eval_itm_accuracy",
+               "eval_exact_match", "eval_token_f1")
 
 
 class MetricsLog:
@@ -39,14 +42,20 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict], target: Location, title: str) -> None:
-    """Write a PNG of every ``loss*`` series against the step."""
+    """Write a PNG of every ``loss*`` series against the step, and beside it the held-out
+    evaluation metrics when the records hold any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = sorted({k for r in records for k in r if k.startswith(LOSS_PREFIX)})
-    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    evals = [name for name in EVAL_SERIES if any(name in r for r in records)]
+    if evals:
+        figure, (axis, eval_axis) = plt.subplots(1, 2, figsize=(14, 4.5), dpi=100)
+        _plot_eval(eval_axis, records, evals)
+    else:
+        figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
     for name in names:
         points = [(r["step"], r[name]) for r in records if name in r]
         axis.plot([p[0] for p in points], [p[1] for p in points], label=name,
@@ -63,3 +72,16 @@ def plot_losses(records: list[dict], target: Location, title: str) -> None:
     plt.close(figure)
     with atomic_write(target) as handle:
         handle.write(buffer.getvalue())
+
+
+def _plot_eval(axis, records: list[dict], names: list[str]) -> None:
+    for name in names:
+        points = [(r["step"], r[name]) for r in records if name in r]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
+                  label=name[len("eval_"):])
+    axis.set_xlabel("step")
+    axis.set_ylabel("held-out metric")
+    axis.set_ylim(0, 1.02)
+    axis.set_title("held-out evaluation")
+    axis.grid(alpha=0.3)
+    axis.legend()

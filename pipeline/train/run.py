@@ -38,6 +38,7 @@ def run_training(job: JobSpec) -> dict:
     ensure_ray(job.run.ray_address)
     run_dir = run_dir_of(job)
     shards = _training_shards(job, run_dir)
+    _check_evals(job)
     summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
     previous: Location | None = None
     for index, stage in enumerate(job.stages):
@@ -111,6 +112,15 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
         raise TrainError(f"data: {manifest.url} not found; run `qformer prep` on the corpus first")
     _check_tokens(job, json.loads(read_bytes(manifest)))
     return shards_from_manifest(manifest)
+
+
+def _check_evals(job: JobSpec) -> None:
+    from pipeline.eval.periodic import check_stage_evals
+
+    try:
+        check_stage_evals(job)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
 
 
 def _check_tokens(job: JobSpec, manifest: dict) -> None:

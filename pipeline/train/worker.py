@@ -91,6 +91,7 @@ def train_stage(config: dict) -> None:
 
     transformers.logging.set_verbosity_error()
 
+    from pipeline.eval.periodic import stage_evaluator
     from pipeline.train.checkpoint import read_metadata, save_and_report
     from pipeline.train.loader import BatchStream, placeholder_batch
     from pipeline.train.metrics import MetricsLog, plot_losses
@@ -117,6 +118,7 @@ def train_stage(config: dict) -> None:
         print(f"[{stage.name}] resumed at step {start_step}/{stage.steps} on {world} worker(s) "
               f"(written by {saved['world_size']})", flush=True)
 
+    evaluator = stage_evaluator(job, stage, rank=rank, world=world)
     accumulation = job.deepspeed.gradient_accumulation_steps
     batches = [BatchStream(loader_config, rank=v, world_size=streams.total, start_step=start_step * accumulation)
                for v in streams.mine]
@@ -165,6 +167,8 @@ def train_stage(config: dict) -> None:
                     }
                     metrics_log.append(record)
                     _print_progress(stage, record, started, start_step)
+            if evaluator is not None:
+                evaluator.after_step(engine, job.deepspeed.zero_stage, done, metrics_log)
             if done % stage.checkpoint_every == 0 or done == stage.steps:
                 if rank == 0:
                     metrics_log.flush()

@@ -35,14 +35,24 @@ def _checkpoint_bytes(folder: Path) -> int:
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage):
-    job = job_spec(tiny_job("curriculum", str(tmp_path), prepared_demo, zero_stage=zero_stage))
+    raw = tiny_job("curriculum", str(tmp_path), prepared_demo, zero_stage=zero_stage)
+    for stage in raw["stages"]:  # periodic held-out evaluation (the training data stands in)
+        stage["eval"] = {"data": prepared_demo, "every": 3, "max_samples": 12, "batch_size": 4,
+                         "itm_top_k": 2, "max_new_tokens": 3}
+    job = job_spec(raw)
     summary = run_training(job)
     run = tmp_path / "curriculum"
 
     assert [s["stage"] for s in summary["stages"]] == ["stage1", "stage2"]
     assert [s["step"] for s in summary["stages"]] == [6, 4]
+    evaluated = {"stage1": {"eval_caption_accuracy", "eval_t2i_r1", "eval_i2t_itm_r1", "eval_itm_accuracy"},
+                 "stage2": {"eval_exact_match", "eval_token_f1", "eval_caption_loss"}}
     for stage, steps, losses in (("stage1", 6, {"loss_itc", "loss_itm", "loss_itg"}), ("stage2", 4, {"loss_lm"})):
-        records = _metrics(run / stage / "metrics.jsonl")
+        all_records = _metrics(run / stage / "metrics.jsonl")
+        evals = [r for r in all_records if "eval_samples" in r]
+        assert [r["step"] for r in evals] == [3, steps] and all(r["eval_samples"] == 12 for r in evals)
+        assert all(evaluated[stage] <= set(r) for r in evals)
+        records = [r for r in all_records if "loss" in r]
         assert [r["step"] for r in records] == list(range(1, steps + 1))
         assert losses <= set(records[0]) and {"lr", "samples_per_s", "tokens_per_s", "data_wait_s"} <= set(records[0])
         assert (run / stage / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

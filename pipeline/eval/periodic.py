@@ -1,0 +1,186 @@
+"""Evaluation during training: every ``eval.every`` steps each Ray Train worker scores its share
+of the held-out samples (no Ray Data inside a training worker), the outputs are gathered on rank
+0, and the same metrics as ``qformer eval`` become an ``eval_*`` record of the stage's metrics.
+
+All ranks must call :meth:`PeriodicEval.run` at the same steps (it gathers across ranks).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from pipeline.eval.heldout import (
+    TEXT_COLUMNS,
+    CaptionGallery,
+    InputBuilder,
+    check_tokens,
+    read_rows,
+    resolve_data,
+)
+from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
+from pipeline.eval.summary import stage1_metrics, stage2_metrics
+from pipeline.model.generate import DecodingSpec
+from pipeline.spec import JobSpec
+from pipeline.spec.train import StageSpec
+
+PREFIX = "eval_"
+SHOWN = ("caption_accuracy", "t2i_r1", "itm_accuracy", "exact_match", "token_f1", "caption_loss")
+
+
+class PeriodicEval:
+    """The held-out share of one worker and the scorer settings of one stage.
+
+    Args:
+        job: The training job.
+        stage: The stage, whose ``eval`` section is set.
+        model_spec: The stage's model spec (for image preprocessing and the LLM tokenizer).
+        rank: This worker's rank.
+        world: Number of workers.
+
+    Raises:
+        ValueError: the held-out data is missing or unusable, or holds fewer samples than workers.
+    """
+
+    def __init__(self, job: JobSpec, stage: StageSpec, model_spec, *, rank: int, world: int):
+        from pipeline.eval.heldout import EvalError
+        from pipeline.model import build_llm_tokenizer, image_preprocessing
+
+        self.spec, self.stage, self.rank, self.world = stage.eval, stage, rank, world
+        self.model_stage = stage.model_stage
+        text = "qformer" if self.model_stage == 1 else "llm"
+        try:
+            data = resolve_data([self.spec.data], None, job.data.storage)
+            check_tokens(data, self.model_stage, model_spec.qformer.max_text_length)
+        except EvalError as err:
+            raise ValueError(f"stages.{stage.name}.eval: {err}") from None
+        rows = read_rows(data.shards, ["key", "caption", "image", *TEXT_COLUMNS[text]], self.spec.max_samples)
+        share = rows.num_rows // world
+        if share == 0:
+            raise ValueError(f"stages.{stage.name}.eval: {rows.num_rows} held-out samples cannot be "
+                             f"shared by {world} workers")
+        # Equal shares: every rank runs the same number of batches.
+        self.rows = rows.take(np.arange(rank, share * world, world))
+        self.samples = share * world
+        self.gallery = CaptionGallery.read(data.shards) if self.model_stage == 1 else None
+        self.builder = InputBuilder(image_preprocessing(model_spec.vision), text)
+        self.tokenizer = build_llm_tokenizer(model_spec.llm) if self.model_stage == 2 else None
+        self.model_spec = model_spec
+        self._copy = None
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (1-based, completed steps) is an evaluation step."""
+        return step % self.spec.every == 0 or step == self.stage.steps
+
+    def after_step(self, engine, zero_stage: int, step: int, metrics_log) -> None:
+        """The training loop's hook: evaluate when due; rank 0 logs and prints the record."""
+        if not self.due(step):
+            return
+        record = self.run(engine, zero_stage, step)
+        if record is not None:
+            metrics_log.append(record)
+            print(progress_line(self.stage, record), flush=True)
+
+    def run(self, engine, zero_stage: int, step: int) -> dict | None:
+        """Evaluate the engine's model; rank 0 gets the ``eval_*`` record, other ranks None.
+
+        Under ZeRO-3 the parameters are partitioned, so the consolidated trainable weights are
+        loaded into a plain copy of the model (built at the first evaluation) instead.
+        """
+        started = time.monotonic()
+        model = engine.module if zero_stage < 3 else self._plain_copy(engine)
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            outputs = self._score(model)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        gathered = _gather(outputs, self.world)
+        if self.rank != 0:
+            return None
+        merged = {name: np.concatenate([part[name] for part in gathered]) for name in gathered[0]}
+        if self.model_stage == 1:
+            metrics = stage1_metrics(merged, self.gallery)
+        else:
+            metrics = stage2_metrics(merged, list(merged["caption"]))
+        return {
+            "step": step,
+            **{PREFIX + name: round(value, 6) for name, value in metrics.items()},
+            PREFIX + "samples": self.samples,
+            PREFIX + "time_s": round(time.monotonic() - started, 2),
+        }
+
+    @torch.no_grad()
+    def _score(self, model) -> dict[str, np.ndarray]:
+        size = self.spec.batch_size
+        if self.model_stage == 1:
+            scorer = Stage1Scorer(model, self.gallery, self.spec.itm_top_k)
+        else:
+            decoding = DecodingSpec(max_new_tokens=self.spec.max_new_tokens)
+            scorer = Stage2Scorer(model, self.tokenizer, ScoringSpec(decoding=decoding))
+        parts = []
+        device = next(model.parameters()).device
+        for start in range(0, self.rows.num_rows, size):
+            rows = self.rows.slice(start, size)
+            inputs = {k: v.to(device) for k, v in self.builder(rows).items()}
+            captions = rows.column("caption").to_pylist()
+            out = scorer(inputs, captions) if self.model_stage == 1 else scorer(inputs)
+            parts.append({"caption": np.array(captions, dtype=object), **out})
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _plain_copy(self, engine):
+        from pipeline.model import Blip2Pretrainer
+        from pipeline.train.portable_state import full_weights
+
+        weights = full_weights(engine, 3)  # collective: every rank gathers
+        if self._copy is None:
+            self._copy = Blip2Pretrainer(self.model_spec, stage=self.model_stage)
+        self._copy.load_trainable_state_dict(weights)
+        return self._copy
+
+
+def stage_evaluator(job: JobSpec, stage: StageSpec, *, rank: int, world: int) -> PeriodicEval | None:
+    """The stage's periodic evaluation, or None when its spec has no ``eval`` section."""
+    if stage.eval is None:
+        return None
+    from pipeline.train.worker import model_spec_for
+
+    return PeriodicEval(job, stage, model_spec_for(job, stage), rank=rank, world=world)
+
+
+def check_stage_evals(job: JobSpec) -> None:
+    """Check every stage's held-out data before training starts.
+
+    Raises:
+        ValueError: missing held-out data, or tokens the model cannot use.
+    """
+    from pipeline.eval.heldout import EvalError
+
+    for stage in job.stages:
+        if stage.eval is None:
+            continue
+        try:
+            data = resolve_data([stage.eval.data], None, job.data.storage)
+            check_tokens(data, stage.model_stage, job.model.qformer.max_text_length)
+        except EvalError as err:
+            raise ValueError(f"stages.{stage.name}.eval: {err}") from None
+
+
+def _gather(outputs: dict[str, np.ndarray], world: int) -> list[dict[str, np.ndarray]]:
+    if world == 1:
+        return [outputs]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, outputs)
+    return gathered
+
+
+def progress_line(stage: StageSpec, record: dict) -> str:
+    """A one-line summary of an evaluation record."""
+    shown = " | ".join(f"{name} {record[PREFIX + name]:.3f}" for name in SHOWN if PREFIX + name in record)
+    return (f"[{stage.name}] eval at step {record['step']} on {record[PREFIX + 'samples']} held-out "
+            f"samples: {shown} ({record[PREFIX + 'time_s']:.1f}s)")
