@@ -103,3 +103,18 @@ def demo_prep_spec(root: Path) -> dict:
         },
         "execution": {"rows_per_row_group": 30},
     }}
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
+    """240 easy-VQA samples prepared at 32 px with MiniLM and SmolLM2 tokens (length 16)."""
+    from pipeline.data.demo_corpus import write_demo_corpus
+    from pipeline.data.prep import run_prep
+    from pipeline.spec import JobSpec
+    from pipeline.spec.loader import validate_spec
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_corpus(str(root / "raw"), samples=240, shard_size=60)
+    spec = validate_spec(demo_prep_spec(root), JobSpec).prep
+    run_prep(spec)
+    return str(root / "prepared")

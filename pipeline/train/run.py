@@ -146,7 +146,7 @@ def _init_weights(job: JobSpec, stage: StageSpec, run_dir: Location, previous: L
 
 
 def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     stage = job.stages[index]
@@ -162,8 +162,7 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
         train_loop_config=task.to_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=(scaling.min_workers, scaling.workers) if scaling.min_workers else scaling.workers,
-            use_gpu=use_gpu, resources_per_worker=resources,
+            num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=stage.name,
@@ -173,10 +172,13 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
         ),
     )
-    workers = f"{scaling.min_workers}-{scaling.workers}" if scaling.min_workers else str(scaling.workers)
-    log.info("train: stage %s (%d steps, %s workers)", stage.name, stage.steps, workers)
+    log.info("train: stage %s (%d steps, %d workers)", stage.name, stage.steps, scaling.workers)
     started = time.monotonic()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        raise TrainError(f"stage {stage.name} failed (the run resumes from its last checkpoint "
+                         f"when started again): {error}") from error
     if result.error is not None or result.checkpoint is None:
         raise TrainError(f"stage {stage.name} failed: {result.error}")
     checkpoint_url = _storage_url(run_dir, result.checkpoint.path)

@@ -178,6 +178,7 @@ def train_stage(config: dict) -> None:
                     metadata={"stage": stage.name, "stage_index": task.stage_index, "step": done,
                               "samples_seen": done * samples_per_step, "data_position": position,
                               "data_streams": streams.total, "world_size": world, "worker_nodes": nodes,
+                              "resumed_from_step": start_step if saved else None,
                               "zero_stage": job.deepspeed.zero_stage, "spec": json.loads(task.job_json)},
                     metrics={"step": done, "loss": float(sums[0]) / max(1, len(streams.mine) * accumulation)},
                     metrics_records=metrics_log.records if rank == 0 else [],

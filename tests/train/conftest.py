@@ -1,32 +1,17 @@
-"""Fixtures for training tests: a small prepared demo corpus and tiny curriculum specs."""
+"""Tiny curriculum specs for training tests (the prepared demo corpus is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import copy
 
-import pytest
-
-from pipeline.data.demo_corpus import write_demo_corpus
-from pipeline.data.prep import run_prep
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
-from tests.conftest import demo_prep_spec
 
 TINY_MODEL = {
     "vision": {"name": "tiny:vit", "dtype": "float32", "image_size": 32},
     "qformer": {"bert": "tiny:bert", "num_query_tokens": 4, "embed_dim": 16, "max_text_length": 16},
     "llm": {"name": "tiny:llama", "dtype": "float32"},
 }
-
-
-@pytest.fixture(scope="session")
-def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
-    """240 easy-VQA samples prepared at 32 px with MiniLM and SmolLM2 tokens (length 16)."""
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_corpus(str(root / "raw"), samples=240, shard_size=60)
-    spec = validate_spec(demo_prep_spec(root), JobSpec).prep
-    run_prep(spec)
-    return str(root / "prepared")
 
 
 def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
