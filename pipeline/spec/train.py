@@ -45,9 +45,6 @@ class ScalingSpec(SpecModel):
     """GPUs per worker; 0 trains on CPU with the gloo backend, otherwise nccl."""
     max_failures: int = Field(3, ge=-1)
     """Worker failures Ray Train recovers from (restarting from the last checkpoint); -1: no limit."""
-    min_workers: int | None = Field(None, ge=1)
-    """Elastic training: after a failure Ray Train restarts with as many workers as the cluster
-    then has room for, at least this many (and at most ``workers``). None: always ``workers``."""
     data_streams: int | None = Field(None, ge=1)
     """Data streams of a stage, fixed when the stage starts (None: ``workers``). Each step trains
     one batch of every stream; a worker takes several streams (as gradient accumulation) when
@@ -55,9 +52,7 @@ class ScalingSpec(SpecModel):
     samples per step with the same global batch."""
 
     @model_validator(mode="after")
-    def _elastic_range(self) -> "ScalingSpec":
-        if self.min_workers is not None and self.min_workers > self.workers:
-            raise ValueError(f"min_workers ({self.min_workers}) must be <= workers ({self.workers})")
+    def _streams_cover_workers(self) -> "ScalingSpec":
         if self.data_streams is not None and self.data_streams < self.workers:
             raise ValueError(f"data_streams ({self.data_streams}) must be >= workers ({self.workers}): "
                              "a stream cannot be split between workers")
