@@ -151,22 +151,28 @@ def stage_evaluator(job: JobSpec, stage: StageSpec, *, rank: int, world: int) ->
     return PeriodicEval(job, stage, model_spec_for(job, stage), rank=rank, world=world)
 
 
-def check_stage_evals(job: JobSpec) -> None:
-    """Check every stage's held-out data before training starts.
+def resolve_stage_evals(job: JobSpec) -> JobSpec:
+    """Check every stage's held-out data before training starts; returns the job with local
+    held-out paths made absolute (Ray Train workers run in another working directory).
 
     Raises:
         ValueError: missing held-out data, or tokens the model cannot use.
     """
     from pipeline.eval.heldout import EvalError
+    from pipeline.io.storage import Location
 
+    stages = []
     for stage in job.stages:
-        if stage.eval is None:
-            continue
-        try:
-            data = resolve_data([stage.eval.data], None, job.data.storage)
-            check_tokens(data, stage.model_stage, job.model.qformer.max_text_length)
-        except EvalError as err:
-            raise ValueError(f"stages.{stage.name}.eval: {err}") from None
+        if stage.eval is not None:
+            try:
+                data = resolve_data([stage.eval.data], None, job.data.storage)
+                check_tokens(data, stage.model_stage, job.model.qformer.max_text_length)
+            except EvalError as err:
+                raise ValueError(f"stages.{stage.name}.eval: {err}") from None
+            absolute = Location.of(stage.eval.data, job.data.storage).url
+            stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": absolute})})
+        stages.append(stage)
+    return job.model_copy(update={"stages": stages})
 
 
 def _gather(outputs: dict[str, np.ndarray], world: int) -> list[dict[str, np.ndarray]]:

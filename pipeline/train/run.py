@@ -38,7 +38,7 @@ def run_training(job: JobSpec) -> dict:
     ensure_ray(job.run.ray_address)
     run_dir = run_dir_of(job)
     shards = _training_shards(job, run_dir)
-    _check_evals(job)
+    job = _resolve_evals(job)
     summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
     previous: Location | None = None
     for index, stage in enumerate(job.stages):
@@ -114,11 +114,11 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
     return shards_from_manifest(manifest)
 
 
-def _check_evals(job: JobSpec) -> None:
-    from pipeline.eval.periodic import check_stage_evals
+def _resolve_evals(job: JobSpec) -> JobSpec:
+    from pipeline.eval.periodic import resolve_stage_evals
 
     try:
-        check_stage_evals(job)
+        return resolve_stage_evals(job)
     except ValueError as err:
         raise TrainError(str(err)) from None
 
