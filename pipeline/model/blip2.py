@@ -256,7 +256,12 @@ class Blip2Pretrainer(nn.Module):
             label_smoothing=losses.label_smoothing,
         )
 
-        negative_texts, negative_images = self.hard_negatives.sample(all_gather(itc.sim_i2t, ctx))
+        ids_all = all_gather(input_ids, ctx)  # (N, T)
+        # Pairs whose captions are the same text are matches, never drawn as ITM negatives.
+        same_caption = (ids_all[:, None, :] == ids_all[None, :, :]).all(dim=-1)  # (N, N)
+        negative_texts, negative_images = self.hard_negatives.sample(
+            all_gather(itc.sim_i2t, ctx), same_caption
+        )
         local = slice(ctx.rank * batch, (ctx.rank + 1) * batch)
         negative_texts, negative_images = negative_texts[local], negative_images[local]  # (B,)
         itm_logits = self._matching_logits(
@@ -264,7 +269,7 @@ class Blip2Pretrainer(nn.Module):
             input_ids,
             attention_mask,
             negative_image_embeds=all_gather_with_grad(image_embeds, ctx)[negative_images],
-            negative_ids=all_gather(input_ids, ctx)[negative_texts],
+            negative_ids=ids_all[negative_texts],
             negative_mask=all_gather(attention_mask, ctx)[negative_texts],
         )
         loss_itm = matching_loss(itm_logits)

@@ -88,15 +88,21 @@ class HardNegativeSampler:
         return self._generator
 
     @torch.no_grad()
-    def sample(self, sim_i2t_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, sim_i2t_all: torch.Tensor, same_caption: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one negative caption per image and one negative image per caption.
 
         The probability of a candidate is the softmax of its similarity over the row, with the
-        positive pair excluded, as in LAVIS.
+        positive pairs excluded, as in LAVIS (which, given image ids, also excludes every pair
+        of the same image). Corpora where many images share a caption would otherwise draw
+        mostly "negatives" that are true matches: the same caption scores like the positive.
 
         Args:
             sim_i2t_all: (N, N) image-to-text similarity logits of the gathered batch, image
                 ``i``'s positive caption at column ``i``.
+            same_caption: (N, N) bool, True where captions ``i`` and ``j`` are the same text,
+                also excluded; a row left without candidates excludes only its diagonal.
 
         Returns:
             ``(negative_text_of_image, negative_image_of_text)``, each (N,) indices into the
@@ -108,7 +114,10 @@ class HardNegativeSampler:
         size = sim_i2t_all.shape[0]
         if size < 2:
             raise ValueError("ITM hard negatives need 2 or more pairs in the gathered batch")
-        positives = torch.eye(size, dtype=torch.bool, device=sim_i2t_all.device)
+        positives = torch.eye(size, dtype=torch.bool, device=sim_i2t_all.device)  # (N, N)
+        if same_caption is not None:
+            only_matches = (same_caption | positives).all(dim=1, keepdim=True)  # (N, 1)
+            positives = torch.where(only_matches, positives, same_caption | positives)
         sim = sim_i2t_all.float().masked_fill(positives, float("-inf"))  # (N, N)
         generator = self._generator_on(sim.device)
         negative_texts = torch.multinomial(sim.softmax(dim=1), 1, generator=generator)  # (N, 1)
