@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--batch-size", type=_positive_int, default=16)
     bench_train.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     bench_train.set_defaults(handler=_bench_train)
+    bench_quality = benches.add_parser(
+        "quality", help="train both stages on the demo corpus, report held-out accuracy vs targets")
+    bench_quality.add_argument("--spec", default="jobs/bench_quality.yaml", help="the benchmark's job spec")
+    bench_quality.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD.PATH=VALUE",
+                               help="override a spec field, e.g. --set stages.0.steps=100 (repeatable)")
+    bench_quality.add_argument("--fresh", action="store_true",
+                               help="delete the benchmark's run folder first (else a finished run is reused)")
+    bench_quality.set_defaults(handler=_bench_quality)
     _export_command(commands)
     return parser
 
@@ -347,3 +355,16 @@ def _export(args) -> int:
         print(f"exported in our own format to {result.out_dir}: load it with "
               "pipeline.export.load_exported (see its README.md)")
     return 0
+
+
+def _bench_quality(args) -> int:
+    from pipeline.bench.quality import run_quality_benchmark
+    from pipeline.eval.heldout import EvalError
+    from pipeline.train.run import TrainError
+
+    try:
+        results = run_quality_benchmark(args.spec, args.overrides, fresh=args.fresh)
+    except (TrainError, EvalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0 if all(results["passed"].values()) else EXIT_FAILED
