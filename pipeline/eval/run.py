@@ -52,7 +52,6 @@ class EvalRequest:
         itm_top_k: Stage 1: ITC candidates per image re-scored by ITM (0: no ITM).
         num_beams: Stage 2: beams of a second, beam-searched caption (1: greedy only).
         max_new_tokens: Stage 2: longest generated caption.
-        prompt: Stage 2: text after the visual prompt (as in training: none by default).
         examples: Samples shown on the sheet.
         ray_address: Ray cluster to use (None: ``$RAY_ADDRESS`` or a local one).
         storage: Endpoint options of ``s3://`` checkpoints and data (None: the environment's;
@@ -69,16 +68,15 @@ class EvalRequest:
     itm_top_k: int = 8
     num_beams: int = 1
     max_new_tokens: int = 30
-    prompt: str = ""
     examples: int = 16
     ray_address: str | None = None
     storage: StorageSpec | None = None
 
     def scoring(self) -> ScoringSpec:
-        greedy = DecodingSpec(num_beams=1, max_new_tokens=self.max_new_tokens, prompt=self.prompt)
+        greedy = DecodingSpec(num_beams=1, max_new_tokens=self.max_new_tokens)
         beam = None
         if self.num_beams > 1:
-            beam = DecodingSpec(num_beams=self.num_beams, max_new_tokens=self.max_new_tokens, prompt=self.prompt)
+            beam = DecodingSpec(num_beams=self.num_beams, max_new_tokens=self.max_new_tokens)
         return ScoringSpec(itm_top_k=self.itm_top_k, decoding=greedy, beam_decoding=beam)
 
 
@@ -131,7 +129,7 @@ def run_eval(request: EvalRequest) -> dict:
     metrics = stage1_metrics(outputs, gallery) if model_stage == 1 else stage2_metrics(outputs, captions)
 
     out = Location.of(request.out, request.storage) if request.out else checkpoint.location.child("eval")
-    sample_rows = read_rows(data.shards, ["key", "image"], max(request.examples * 4, request.examples))
+    sample_rows = read_rows(data.shards, ["key", "image"], request.examples)  # evaluated first
     shown = examples(outputs, sample_rows.column("key").to_pylist(), gallery)[: request.examples]
     images = dict(zip(sample_rows.column("key").to_pylist(), sample_rows.column("image").to_pylist()))
     headline = " | ".join(f"{name} {metrics[name]:.3f}" for name in HEADLINE if name in metrics)
