@@ -1,8 +1,10 @@
 """Several nodes: a 2-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, one CPU
 per node), and a run resumed on fewer workers than it started with.
 
-Prep on two nodes writes what prep on one node writes. A run that lost a worker resumes on one
-worker from a 2-worker checkpoint and trains exactly as the uninterrupted 2-worker run.
+Prep on two nodes writes what prep on one node writes. A 2-worker run spread over both nodes
+survives the loss of one node: Ray Train restarts the workers (on the node left and a replacement)
+from the last checkpoint on S3, and the run finishes every step. A run that lost a worker resumes
+on one worker from a 2-worker checkpoint and trains exactly as the uninterrupted 2-worker run.
 """
 
 from __future__ import annotations
@@ -86,6 +88,62 @@ def _stage2_job(name: str, storage: str, prepared: str, **storage_options) -> di
 
 def _records(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
+
+
+def _lose_node(cluster, node) -> None:
+    """Lose ``node`` as a crashed machine does: every process of it dies at once (the raylet's
+    children, i.e. its Ray workers, then the raylet and the node's other Ray processes)."""
+    from ray._private import ray_constants
+
+    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    for child in raylet.children(recursive=True):
+        child.kill()
+    cluster.remove_node(node, allow_graceful=False)
+
+
+def _registered_checkpoint(fs, stage: str) -> str | None:
+    """The latest checkpoint Ray Train has registered for the stage (its snapshot file), if any."""
+    fs.invalidate_cache()
+    try:
+        snapshot = json.loads(fs.cat(f"{stage}/checkpoint_manager_snapshot.json"))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def test_a_run_survives_losing_a_node(ray_2cpus, two_nodes, prepared_demo, tmp_path, s3_endpoint):
+    import s3fs
+
+    cluster = two_nodes
+    head, (lost,) = cluster.head_node, list(cluster.worker_nodes)
+    raw = _stage2_job("node-loss", "s3://test-bucket/node-loss", prepared_demo, endpoint_url=s3_endpoint)
+    raw["scaling"]["max_failures"] = 1
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    stage = "test-bucket/node-loss/node-loss/caption"
+
+    training = _qformer("train", spec, cluster.address)
+    deadline = time.monotonic() + 240
+    while (registered := _registered_checkpoint(fs, stage)) is None:
+        assert time.monotonic() < deadline and training.poll() is None, "no first checkpoint"
+        time.sleep(0.2)
+    first = json.loads(fs.cat(f"{stage}/{registered}/metadata.json"))
+    _lose_node(cluster, lost)
+    replacement = cluster.add_node(num_cpus=1)  # as an autoscaler replaces a lost machine
+    output, _ = training.communicate(timeout=300)
+
+    assert training.returncode == 0, output
+    assert sorted(first["worker_nodes"]) == sorted([head.node_id, lost.node_id]), \
+        "the two workers ran one on each node"
+    fs.invalidate_cache()
+    final = json.loads(fs.cat(f"{stage}/step-{STEPS:08d}/metadata.json"))
+    assert first["step"] < STEPS, "the node was lost mid-stage"
+    assert (final["resumed_from_step"] or 0) >= first["step"], "restarted from the last checkpoint"
+    assert sorted(final["worker_nodes"]) == sorted([head.node_id, replacement.node_id])
+    records = _records(fs.cat(f"{stage}/metrics.jsonl").decode())
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1)), "every step logged exactly once"
 
 
 @pytest.fixture(scope="module")
