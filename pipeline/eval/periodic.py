@@ -25,6 +25,7 @@ from pipeline.eval.summary import stage1_metrics, stage2_metrics
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
+from pipeline.train.metrics import console
 
 PREFIX = "eval_"
 SHOWN = ("caption_accuracy", "t2i_r1", "itm_accuracy", "exact_match", "token_f1", "caption_loss")
@@ -81,7 +82,7 @@ class PeriodicEval:
         record = self.run(engine, zero_stage, step)
         if record is not None:
             metrics_log.append(record)
-            print(progress_line(self.stage, record), flush=True)
+            console(progress_line(self.stage, record))
 
     def run(self, engine, zero_stage: int, step: int) -> dict | None:
         """Evaluate the engine's model; rank 0 gets the ``eval_*`` record, other ranks None.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 from pipeline.io.storage import Location, atomic_write, exists, read_bytes
 
@@ -11,6 +12,16 @@ LOSS_PREFIX = "loss"
 # Held-out metrics of periodic evaluation (pipeline.eval.periodic), all fractions in [0, 1].
 EVAL_SERIES = ("eval_caption_accuracy", "eval_t2i_r1", "eval_i2t_itm_r1", "eval_itm_accuracy",
                "eval_exact_match", "eval_token_f1")
+
+
+def console(line: str) -> None:
+    """Show a progress line from a Ray Train worker on the driver's console, once.
+
+    Ray Train replaces ``print`` in its workers by one that logs the line and also prints it
+    when Ray has wrapped stdout, so every printed line reached the console twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class MetricsLog:

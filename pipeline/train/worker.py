@@ -14,6 +14,7 @@ from pipeline.io.storage import Location
 from pipeline.model.losses import HardNegativeSampler
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
+from pipeline.train.metrics import console
 
 STAGE1_LOSS_FIELDS = {"itc": "loss_itc", "itm": "loss_itm", "itg": "loss_itg"}
 
@@ -115,8 +116,8 @@ def train_stage(config: dict) -> None:
     start_step = saved["step"] if saved else 0
     metrics_log = MetricsLog(task.run_dir.child(stage.name, "metrics.jsonl"), start_step) if rank == 0 else None
     if rank == 0 and saved:
-        print(f"[{stage.name}] resumed at step {start_step}/{stage.steps} on {world} worker(s) "
-              f"(written by {saved['world_size']})", flush=True)
+        console(f"[{stage.name}] resumed at step {start_step}/{stage.steps} on {world} worker(s) "
+                f"(written by {saved['world_size']})")
 
     evaluator = stage_evaluator(job, stage, rank=rank, world=world)
     accumulation = job.deepspeed.gradient_accumulation_steps
@@ -238,8 +239,8 @@ def _build_engine(job: JobSpec, task: StageTask, stage: StageSpec, streams: Stre
     elif saved is None and task.init_weights is not None:
         missing, _ = model.load_trainable_state_dict(load_trainable_weights(task.init_weights), strict=False)
         if rank == 0:
-            print(f"[{stage.name}] initialised from {task.init_weights.url}; "
-                  f"new (not in the source): {missing or 'none'}", flush=True)
+            console(f"[{stage.name}] initialised from {task.init_weights.url}; "
+                    f"new (not in the source): {missing or 'none'}")
     optimizer = build_optimizer(model, stage.optimizer)
     scheduler = build_scheduler(optimizer, stage.optimizer, stage.steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -300,8 +301,7 @@ def _print_progress(stage: StageSpec, record: dict, started: float, start_step: 
     eta = elapsed / max(1, done - start_step) * (stage.steps - done)
     losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
     wait = 100 * record["data_wait_s"] / max(record["step_time_s"], 1e-9)
-    print(
+    console(
         f"[{stage.name}] step {done}/{stage.steps} | {losses} | lr {record['lr']:.2e} | "
-        f"{record['samples_per_s']:.1f} samples/s | data wait {wait:.0f}% | ETA {eta:.0f}s",
-        flush=True,
+        f"{record['samples_per_s']:.1f} samples/s | data wait {wait:.0f}% | ETA {eta:.0f}s"
     )

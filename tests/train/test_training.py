@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,7 +148,9 @@ def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepare
     second = _start_train(spec)
     output, _ = second.communicate(timeout=400)
     assert second.returncode == 0, output
-    assert "resumed at step" in output
+    start = int(re.search(r"resumed at step (\d+)/8", output).group(1))
+    shown = re.findall(r"\[stage1\] step (\d+)/8 ", output)
+    assert shown == [str(step) for step in range(start + 1, 9)], "one progress line per step"
 
     fs.invalidate_cache()
     resumed = [json.loads(line) for line in fs.cat_file("test-bucket/runs/resumed/stage1/metrics.jsonl").decode().splitlines()]
