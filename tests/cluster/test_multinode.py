@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+import fsspec
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +28,7 @@ from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 from pipeline.train.run import TrainError, run_training
 from tests.data.corpus import bad_corpus_spec, write_bad_corpus
-from tests.train.conftest import job_spec, tiny_job
+from tests.train.conftest import job_spec, tiny_job, wait_for_registered_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +101,6 @@ def _lose_node(cluster, node) -> None:
     cluster.remove_node(node, allow_graceful=False)
 
 
-def _registered_checkpoint(fs, stage: str) -> str | None:
-    """The latest checkpoint Ray Train has registered for the stage (its snapshot file), if any."""
-    fs.invalidate_cache()
-    try:
-        snapshot = json.loads(fs.cat(f"{stage}/checkpoint_manager_snapshot.json"))
-    except FileNotFoundError:
-        return None
-    latest = snapshot.get("latest_checkpoint_result")
-    return latest["checkpoint_dir_name"] if latest else None
-
-
 def test_a_run_survives_losing_a_node(ray_2cpus, two_nodes, prepared_demo, tmp_path, s3_endpoint):
     import s3fs
 
@@ -125,10 +114,7 @@ def test_a_run_survives_losing_a_node(ray_2cpus, two_nodes, prepared_demo, tmp_p
     stage = "test-bucket/node-loss/node-loss/caption"
 
     training = _qformer("train", spec, cluster.address)
-    deadline = time.monotonic() + 240
-    while (registered := _registered_checkpoint(fs, stage)) is None:
-        assert time.monotonic() < deadline and training.poll() is None, "no first checkpoint"
-        time.sleep(0.2)
+    registered = wait_for_registered_checkpoint(fs, stage, lambda: training.poll() is None)
     first = json.loads(fs.cat(f"{stage}/{registered}/metadata.json"))
     _lose_node(cluster, lost)
     replacement = cluster.add_node(num_cpus=1)  # as an autoscaler replaces a lost machine
@@ -171,15 +157,12 @@ def test_a_run_resumes_on_fewer_workers(ray_2cpus, uninterrupted, prepared_demo,
     raw["scaling"]["max_failures"] = 0
     stage = tmp_path / "resized" / "caption"
 
-    def kill_a_worker_after_the_first_checkpoint():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (stage / "step-00000004" / "metadata.json").exists():
-            time.sleep(0.1)
-        time.sleep(1.0)  # until Ray Train has registered the checkpoint
+    def kill_the_workers_after_the_first_checkpoint():
+        wait_for_registered_checkpoint(fsspec.filesystem("file"), str(stage), lambda: True)
         for pid in _train_worker_pids():
             os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_the_workers_after_the_first_checkpoint, daemon=True)
     killer.start()
     with pytest.raises(TrainError):
         run_training(job_spec(raw))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import time
 
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
@@ -44,3 +46,28 @@ def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
 
 def job_spec(raw: dict) -> JobSpec:
     return validate_spec(raw, JobSpec)
+
+
+def registered_checkpoint(fs, stage: str) -> str | None:
+    """The newest checkpoint Ray Train has registered for a stage folder (``fs`` path), if any.
+
+    A checkpoint's ``metadata.json`` (rank 0's part) can be in storage before every rank's part
+    is; Ray Train resumes only from checkpoints in its ``checkpoint_manager_snapshot.json``.
+    """
+    fs.invalidate_cache()
+    try:
+        snapshot = json.loads(fs.cat_file(f"{stage}/checkpoint_manager_snapshot.json"))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def wait_for_registered_checkpoint(fs, stage: str, running, timeout_s: float = 240) -> str:
+    """Wait until Ray Train has registered a checkpoint of the stage while ``running()`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while (name := registered_checkpoint(fs, stage)) is None:
+        assert running(), "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint registered in time"
+        time.sleep(0.2)
+    return name

@@ -9,9 +9,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+import fsspec
 import psutil
 import pytest
 import torch
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from pipeline.model import Blip2Pretrainer
 from pipeline.train.run import run_training
 from pipeline.train.worker import model_spec_for
-from tests.train.conftest import job_spec, tiny_job
+from tests.train.conftest import job_spec, tiny_job, wait_for_registered_checkpoint
 
 FROZEN_PREFIXES = ("vision_model.", "language_model.")
 
@@ -95,10 +95,7 @@ def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
     killed: list[int] = []
 
     def kill_after_first_checkpoint():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (run / "step-00000004" / "metadata.json").exists():
-            time.sleep(0.1)
-        time.sleep(0.5)
+        wait_for_registered_checkpoint(fsspec.filesystem("file"), str(run), lambda: True)
         pids = _train_worker_pids()
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
@@ -111,6 +108,8 @@ def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
 
     assert killed, "no Ray Train worker was found to kill"
     assert summary["stages"][0]["step"] == 12
+    final = json.loads(Path(summary["stages"][0]["checkpoint"], "metadata.json").read_text())
+    assert final["resumed_from_step"] == 4, "the restarted workers continued from the checkpoint"
     steps = [r["step"] for r in _metrics(run / "metrics.jsonl")]
     assert steps == list(range(1, 13)), "metrics must cover every step exactly once after the restart"
 
@@ -135,12 +134,7 @@ def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepare
     spec.write_text(yaml.safe_dump(raw))
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     first = _start_train(spec)
-    deadline = time.monotonic() + 300
-    while not fs.exists("test-bucket/runs/resumed/stage1/step-00000004/metadata.json"):
-        assert first.poll() is None, first.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.2)
-        fs.invalidate_cache()
+    wait_for_registered_checkpoint(fs, "test-bucket/runs/resumed/stage1", lambda: first.poll() is None)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not fs.exists("test-bucket/runs/resumed/stage1/complete.json")
