@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.eval.checkpoints import EvalCheckpoint, build_model, load_checkpoint, resolve_checkpoint
+from pipeline.eval.checkpoints import build_model, load_checkpoint, resolve_checkpoint
 from pipeline.eval.heldout import (
     TEXT_COLUMNS,
     CaptionGallery,
@@ -31,6 +31,7 @@ from pipeline.eval.summary import DEFINITIONS, examples, stage1_metrics, stage2_
 from pipeline.io.storage import Location, write_bytes_atomic
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec.prep import StorageSpec
+from pipeline.train.trained import TrainedCheckpoint
 
 log = logging.getLogger("qformer.eval")
 HEADLINE = ("caption_accuracy", "i2t_r1", "t2i_r1", "i2t_itm_r1", "itm_accuracy", "exact_match",
@@ -162,7 +163,7 @@ def run_eval(request: EvalRequest) -> dict:
     return report
 
 
-def _score(request: EvalRequest, checkpoint: EvalCheckpoint, data: HeldOutData,
+def _score(request: EvalRequest, checkpoint: TrainedCheckpoint, data: HeldOutData,
            gallery: CaptionGallery | None) -> dict[str, np.ndarray]:
     """Run the actor pool over the held-out rows; the outputs, concatenated and sorted by key.
 
@@ -211,7 +212,7 @@ def _defined(name: str, metrics: dict) -> bool:
     return any(key == name or key.startswith(name.split("{")[0]) for key in metrics)
 
 
-def spec_summary(checkpoint: EvalCheckpoint) -> dict:
+def spec_summary(checkpoint: TrainedCheckpoint) -> dict:
     """The parts of the job spec that say what was evaluated."""
     model, stage = checkpoint.job.model, checkpoint.stage
     summary = {

@@ -8,7 +8,7 @@ Typical use::
     if result.record["format"] == "qformer":     # transformers could not represent it exactly
         model = load_exported("exports/demo-stage2")
 
-Modules: ``source`` (find the checkpoint, read its metadata and weights), ``compat`` (is the
+Modules: ``source`` (find the checkpoint, read its weights), ``compat`` (is the
 model exactly representable by transformers' Blip2 classes), ``transformers_format`` and
 ``own_format`` (the two folder writers; the latter also loads), ``record`` (the
 ``qformer_export.json`` both write), ``export`` (the command's flow).

@@ -21,16 +21,12 @@ from pipeline.export.compat import transformers_blockers
 from pipeline.export.own_format import write_own_folder
 from pipeline.export.rebuild import rebuild_model
 from pipeline.export.record import EXPORT_RECORD, OWN_FORMAT
-from pipeline.export.source import (
-    CheckpointSource,
-    ExportError,
-    load_trainable,
-    resolve_checkpoint,
-)
+from pipeline.export.source import ExportError, load_trainable, resolve_checkpoint
 from pipeline.export.transformers_format import write_transformers_folder
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.llm import build_llm_tokenizer
 from pipeline.model.qformer import build_qformer_tokenizer
+from pipeline.train.trained import TrainedCheckpoint
 
 ExportFormat = Literal["auto", "transformers", "own"]
 
@@ -134,17 +130,17 @@ def _write(out: Path, write: Callable[[Path], dict], blockers: list[str]) -> Exp
     return ExportResult(out, record, blockers)
 
 
-def _build_model(source: CheckpointSource, weights: dict[str, torch.Tensor]) -> Blip2Pretrainer:
+def _build_model(source: TrainedCheckpoint, weights: dict[str, torch.Tensor]) -> Blip2Pretrainer:
     """Our model with the frozen towers of the spec and the checkpoint's trained weights."""
-    spec = source.model_spec
+    spec = source.job.model
     log.info("export: loading the frozen towers (vision %s%s)", spec.vision.name,
              f", LLM {spec.llm.name}" if source.model_stage == 2 else "")
     return rebuild_model(spec, source.model_stage, weights, source.location.url)
 
 
-def _processor_tokenizer(source: CheckpointSource):
+def _processor_tokenizer(source: TrainedCheckpoint):
     """The tokenizer the exported processor uses: the Q-Former's (stage 1) or the LLM's (stage 2)."""
-    spec = source.model_spec
+    spec = source.job.model
     if source.model_stage == 1:
         tokenizer = build_qformer_tokenizer(spec.qformer)
         tokenizer.model_max_length = spec.qformer.max_text_length  # truncate as training did

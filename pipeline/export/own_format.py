@@ -20,14 +20,15 @@ from safetensors.torch import load_file
 
 from pipeline.export.rebuild import rebuild_model
 from pipeline.export.record import FORMAT_VERSION, OWN_FORMAT, export_record, read_record, write_record
-from pipeline.export.source import CheckpointSource, ExportError
+from pipeline.export.source import ExportError
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.config import ModelSpec
 from pipeline.train.checkpoint import TRAINABLE
+from pipeline.train.trained import TrainedCheckpoint
 
 
 def write_own_folder(
-    source: CheckpointSource, weights: bytes, out_dir: Path, *, blockers: list[str]
+    source: TrainedCheckpoint, weights: bytes, out_dir: Path, *, blockers: list[str]
 ) -> dict:
     """Write the own-format folder of a checkpoint.
 

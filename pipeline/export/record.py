@@ -11,7 +11,7 @@ import json
 import platform
 from pathlib import Path
 
-from pipeline.export.source import CheckpointSource
+from pipeline.train.trained import TrainedCheckpoint
 
 EXPORT_RECORD = "qformer_export.json"
 FORMAT_VERSION = 1
@@ -33,7 +33,7 @@ def export_versions() -> dict[str, str]:
     }
 
 
-def export_record(source: CheckpointSource, export_format: str, **details) -> dict:
+def export_record(source: TrainedCheckpoint, export_format: str, **details) -> dict:
     """The record of an export of ``source`` in ``export_format``, plus format-specific details."""
     return {
         "format": export_format,
@@ -42,7 +42,7 @@ def export_record(source: CheckpointSource, export_format: str, **details) -> di
         "stage_name": source.stage.name,
         "step": source.step,
         "checkpoint": source.location.url,
-        "model": source.model_spec.model_dump(mode="json"),
+        "model": source.job.model.model_dump(mode="json"),
         **details,
         "trained_with": source.metadata.get("versions", {}),
         "exported_with": export_versions(),

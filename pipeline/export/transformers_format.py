@@ -27,9 +27,10 @@ from transformers.image_utils import PILImageResampling
 
 from pipeline.export.compat import IMAGE_TOKEN, image_token_id
 from pipeline.export.record import TRANSFORMERS_FORMAT, export_record, write_record
-from pipeline.export.source import CheckpointSource, ExportError
+from pipeline.export.source import ExportError
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.vision import image_preprocessing
+from pipeline.train.trained import TrainedCheckpoint
 
 TRANSFORMERS_CLASSES: dict[int, type[PreTrainedModel]] = {
     1: Blip2ForImageTextRetrieval,
@@ -133,7 +134,7 @@ def build_processor(model: Blip2Pretrainer, tokenizer: PreTrainedTokenizerBase) 
 def write_transformers_folder(
     model: Blip2Pretrainer,
     tokenizer: PreTrainedTokenizerBase,
-    source: CheckpointSource,
+    source: TrainedCheckpoint,
     out_dir: Path,
 ) -> dict:
     """Write ``model`` as a transformers folder loadable with ``from_pretrained``.

@@ -17,10 +17,10 @@ from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
+from pipeline.train.trained import COMPLETE, SUMMARY
 from pipeline.train.worker import StageTask, train_stage
 
 log = logging.getLogger("qformer.train")
-COMPLETE = "complete.json"
 
 
 class TrainError(RuntimeError):
@@ -52,7 +52,7 @@ def run_training(job: JobSpec) -> dict:
             write_bytes_atomic(marker, json.dumps(done, indent=1).encode())
         previous = Location(done["checkpoint"], run_dir.options)
         summary["stages"].append(done)
-    write_bytes_atomic(run_dir.child("summary.json"), json.dumps(summary, indent=1).encode())
+    write_bytes_atomic(run_dir.child(SUMMARY), json.dumps(summary, indent=1).encode())
     return summary
 
 

@@ -121,7 +121,7 @@ def test_stage2_scorer_matches_the_training_loss_and_a_hand_written_greedy_loop(
 
 
 @pytest.mark.parametrize("args, message", [
-    (["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data"], "is not a checkpoint folder"),
+    (["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data"], "no such folder"),
     (["eval", "CKPT", "--data", "/nonexistent/data"], "has no manifest.json"),
     (["eval", "CKPT", "--data", "/nonexistent/*.parquet"], "matches no file"),
 ])

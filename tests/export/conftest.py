@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from pipeline.assets import TINY_LLAMA, resolve_tokenizer
 from pipeline.model import Blip2Pretrainer, ModelSpec, build_llm_tokenizer, build_qformer_tokenizer
 from pipeline.train.checkpoint import METADATA, METRICS, TRAINABLE
-from pipeline.train.run import COMPLETE
+from pipeline.train.trained import COMPLETE
 from tests.model.tiny import COLORS, SHAPES, save_bert, save_vision_tower
 
 IMAGE_SIZE = 32
