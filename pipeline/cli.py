@@ -314,9 +314,9 @@ def _export_command(commands) -> None:
         ),
     )
     export.add_argument("checkpoint", help="checkpoint folder (metadata.json + trainable.safetensors), a "
-                                           "finished stage folder, or a run folder with --stage; local or s3://")
+                                           "finished stage folder, or a run folder (its last stage, or --stage); local or s3://")
     export.add_argument("out_dir", help="local folder to write (absent or empty)")
-    export.add_argument("--stage", default=None, help="stage name, when CHECKPOINT is a run folder")
+    export.add_argument("--stage", default=None, help="stage name: picks a run folder's stage (default: its last)")
     export.add_argument("--format", dest="export_format", choices=("auto", "transformers", "own"),
                         default="auto", help="auto: transformers when exact, else own (default)")
     export.add_argument("--overwrite", action="store_true",
