@@ -110,7 +110,7 @@ def _build_smollm2_model(out: Path) -> None:
         del config.quantization_config
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
-    plain.save_pretrained(out)
+    _save_model(plain, out)
 
 
 def _cached_folder(name: str, build) -> Path:
@@ -134,11 +134,27 @@ def _cached_folder(name: str, build) -> Path:
         try:
             staging.chmod(0o755)
             build(staging)
+            if not any(staging.iterdir()):
+                raise AssetError(f"building {name} in {staging} wrote no files")
             (staging / _COMPLETE).touch()
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _save_model(model, out: Path) -> None:
+    """What ``model.save_pretrained(out)`` writes, written by any process.
+
+    transformers' ``save_pretrained`` silently writes nothing on a ``torch.distributed`` rank
+    other than 0, and a Ray Train worker of any rank may be the first to need a folder.
+    """
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # ties kept once
 
 
 def _build_tiny_vit(out: Path) -> None:
@@ -148,7 +164,7 @@ def _build_tiny_vit(out: Path) -> None:
     torch.manual_seed(0)
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=64, image_size=32, patch_size=8)
-    Dinov2Model(config).save_pretrained(out)
+    _save_model(Dinov2Model(config), out)
 
 
 def _build_tiny_bert(out: Path) -> None:
@@ -159,7 +175,7 @@ def _build_tiny_bert(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(MINILM))
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(out)
+    _save_model(BertModel(config), out)
     tokenizer.save_pretrained(out)
 
 
@@ -173,7 +189,7 @@ def _build_tiny_llama(out: Path) -> None:
                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
                          max_position_embeddings=128, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
+    _save_model(LlamaForCausalLM(config), out)
     tokenizer.save_pretrained(out)
 
 

@@ -27,6 +27,34 @@ def test_concurrent_first_use_builds_one_complete_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["tiny-vit"]
 
 
+def _build_on_rank(rank: int, port: int, cache: str, names: list[str]) -> None:
+    import torch.distributed as dist
+
+    os.environ["QFORMER_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # as a Ray Train worker of rank 1 that is first to need the folders
+            for name in names:
+                assets.resolve_model(name)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_distributed_rank_other_than_0_builds_complete_folders(tmp_path):
+    import torch.multiprocessing as mp
+    from transformers import AutoModel
+
+    from tests.conftest import free_port
+
+    names = ["tiny:vit", "tiny:llama"]
+    mp.spawn(_build_on_rank, args=(free_port(), str(tmp_path), names), nprocs=2)
+    for name in names:
+        folder = tmp_path / name.replace(":", "-")
+        assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+        AutoModel.from_pretrained(folder)
+
+
 def test_unknown_packaged_names_are_rejected():
     with pytest.raises(assets.AssetError, match="unknown packaged model"):
         assets.resolve_model("pypi:not-a-model")
