@@ -120,15 +120,14 @@ def _cached_folder(name: str, build) -> Path:
     into place; the others wait for the lock and then find the complete folder.
     """
     target = cache_dir() / name
-    marker = target / _COMPLETE
-    if marker.exists():
+    if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists():
+        if _is_complete(target):
             return target
-        if target.exists():  # left by an interrupted build of an older layout
+        if target.exists():  # an interrupted build, or an empty one of an earlier version
             shutil.rmtree(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
@@ -155,6 +154,11 @@ def _save_model(model, out: Path) -> None:
     if model.can_generate():
         model.generation_config.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # ties kept once
+
+
+def _is_complete(folder: Path) -> bool:
+    """Marked complete, and holding more than the mark."""
+    return (folder / _COMPLETE).exists() and any(p.name != _COMPLETE for p in folder.iterdir())
 
 
 def _build_tiny_vit(out: Path) -> None:

@@ -55,6 +55,14 @@ def test_a_distributed_rank_other_than_0_builds_complete_folders(tmp_path):
         AutoModel.from_pretrained(folder)
 
 
+def test_a_folder_marked_complete_but_empty_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("QFORMER_CACHE", str(tmp_path))
+    (tmp_path / "tiny-vit").mkdir()
+    (tmp_path / "tiny-vit" / ".complete").touch()  # as left by an earlier version on rank 1
+    folder = assets.resolve_model("tiny:vit")
+    assert (tmp_path / "tiny-vit" / "config.json").exists() and folder == str(tmp_path / "tiny-vit")
+
+
 def test_unknown_packaged_names_are_rejected():
     with pytest.raises(assets.AssetError, match="unknown packaged model"):
         assets.resolve_model("pypi:not-a-model")
