@@ -28,7 +28,7 @@ from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 from pipeline.train.run import TrainError, run_training
 from tests.data.corpus import bad_corpus_spec, write_bad_corpus
-from tests.train.conftest import job_spec, tiny_job, wait_for_registered_checkpoint
+from tests.train.conftest import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +147,6 @@ def _assert_same_training(resumed: list[dict], expected: list[dict]) -> None:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (mine["step"], key)
 
 
-def _train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_a_run_resumes_on_fewer_workers(ray_2cpus, uninterrupted, prepared_demo, tmp_path):
     raw = _stage2_job("resized", str(tmp_path), prepared_demo)
     raw["scaling"]["max_failures"] = 0
@@ -159,7 +154,7 @@ def test_a_run_resumes_on_fewer_workers(ray_2cpus, uninterrupted, prepared_demo,
 
     def kill_the_workers_after_the_first_checkpoint():
         wait_for_registered_checkpoint(fsspec.filesystem("file"), str(stage), lambda: True)
-        for pid in _train_worker_pids():
+        for pid in train_worker_pids():
             os.kill(pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_the_workers_after_the_first_checkpoint, daemon=True)

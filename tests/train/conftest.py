@@ -1,10 +1,13 @@
-"""Tiny curriculum specs for training tests (the prepared demo corpus is in tests/conftest.py)."""
+"""Tiny curriculum specs and Ray Train helpers for training tests (the prepared demo corpus is
+in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import time
+
+import psutil
 
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
@@ -71,3 +74,9 @@ def wait_for_registered_checkpoint(fs, stage: str, running, timeout_s: float = 2
         assert time.monotonic() < deadline, "no checkpoint registered in time"
         time.sleep(0.2)
     return name
+
+
+def train_worker_pids() -> list[int]:
+    """Process ids of every Ray Train worker on this machine."""
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]

@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import fsspec
-import psutil
 import pytest
 import torch
 import yaml
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from pipeline.model import Blip2Pretrainer
 from pipeline.train.run import run_training
 from pipeline.train.worker import model_spec_for
-from tests.train.conftest import job_spec, tiny_job, wait_for_registered_checkpoint
+from tests.train.conftest import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
 
 FROZEN_PREFIXES = ("vision_model.", "language_model.")
 
@@ -83,11 +82,6 @@ def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage):
     assert moved_from_stage1 < distance_to_fresh
 
 
-def _train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
     raw = tiny_job("worker-kill", str(tmp_path), prepared_demo, stage1_steps=12, stage2_steps=None,
                    checkpoint_every=4)
@@ -96,7 +90,7 @@ def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
 
     def kill_after_first_checkpoint():
         wait_for_registered_checkpoint(fsspec.filesystem("file"), str(run), lambda: True)
-        pids = _train_worker_pids()
+        pids = train_worker_pids()
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
