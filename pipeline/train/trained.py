@@ -93,10 +93,12 @@ def read_checkpoint(folder: Location) -> TrainedCheckpoint:
         CheckpointNotFound: no ``metadata.json``, or not a training checkpoint's.
     """
     where = folder.child(METADATA)
-    if not exists(where):
-        raise CheckpointNotFound(f"{folder.url}: no {METADATA}")
     try:
-        metadata = json.loads(read_bytes(where))
+        raw = read_bytes(where)
+    except FileNotFoundError:
+        raise CheckpointNotFound(f"{folder.url}: no {METADATA}") from None
+    try:
+        metadata = json.loads(raw)
         job = JobSpec.model_validate(metadata["spec"])
         stage = job.stages[int(metadata["stage_index"])]
         int(metadata["step"])
