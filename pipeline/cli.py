@@ -220,7 +220,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from pipeline.eval.heldout import EvalError
     from pipeline.eval.run import HEADLINE, EvalRequest, run_eval
-    from pipeline.spec.prep import StorageSpec
+    from pipeline.spec.storage import StorageSpec
 
     if args.itm_top_k < 0:
         raise SpecError("--itm-top-k: must be >= 0")
@@ -333,7 +333,7 @@ def _export(args) -> int:
 
     from pipeline.export import ExportError, export_checkpoint
     from pipeline.io.storage import storage_options
-    from pipeline.spec.prep import StorageSpec
+    from pipeline.spec.storage import StorageSpec
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+from pipeline.errors import UsageError
 from pipeline.data import dedup
 from pipeline.data.drops import merge_counts
 from pipeline.data.processor import ShardProcessor
@@ -27,7 +28,7 @@ from pipeline.spec.prep import PrepSpec
 log = logging.getLogger("qformer.prep")
 
 
-class PrepError(RuntimeError):
+class PrepError(UsageError, RuntimeError):
     """The job cannot run as asked (inputs missing, output holds a different run)."""
 
 

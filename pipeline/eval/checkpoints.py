@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipeline.eval.heldout import EvalError
 from pipeline.io.storage import Location
-from pipeline.spec.prep import StorageSpec
+from pipeline.spec.storage import StorageSpec
 from pipeline.train.trained import CheckpointNotFound, TrainedCheckpoint, find_checkpoint, read_checkpoint
 
 

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.errors import UsageError
 from pipeline.io.storage import Location, exists, expand_inputs, read_bytes
 from pipeline.model.vision import ImagePreprocessing
-from pipeline.spec.prep import StorageSpec
+from pipeline.spec.storage import StorageSpec
 from pipeline.train.augment import TrainTransform, normalization_table, to_normalized_chw
 
 MANIFEST = "manifest.json"
@@ -27,7 +28,7 @@ TEXT_COLUMNS = {
 }
 
 
-class EvalError(RuntimeError):
+class EvalError(UsageError, RuntimeError):
     """An evaluation cannot run as asked (no such checkpoint or data, mismatched tokens)."""
 
 

@@ -30,7 +30,7 @@ from pipeline.eval.sheet import write_sheet
 from pipeline.eval.summary import DEFINITIONS, examples, stage1_metrics, stage2_metrics
 from pipeline.io.storage import Location, write_bytes_atomic
 from pipeline.model.generate import DecodingSpec
-from pipeline.spec.prep import StorageSpec
+from pipeline.spec.storage import StorageSpec
 from pipeline.train.trained import TrainedCheckpoint
 
 log = logging.getLogger("qformer.eval")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load as load_safetensors
 
+from pipeline.errors import UsageError
 from pipeline.io.storage import Location, read_bytes
 from pipeline.train.checkpoint import TRAINABLE
 from pipeline.train.trained import CheckpointNotFound, TrainedCheckpoint, find_checkpoint
 
 
-class ExportError(ValueError):
+class ExportError(UsageError, ValueError):
     """The checkpoint cannot be exported as asked (missing, invalid, or an incompatible request)."""
 
 

@@ -16,7 +16,7 @@ from typing import IO, Iterator
 import fsspec
 from braceexpand import braceexpand
 
-from pipeline.spec.prep import StorageSpec
+from pipeline.spec.storage import StorageSpec
 
 _GLOB_CHARS = set("*?[")
 

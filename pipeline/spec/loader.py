@@ -12,10 +12,12 @@ from typing import Any, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.errors import UsageError
+
 M = TypeVar("M", bound=BaseModel)
 
 
-class SpecError(ValueError):
+class SpecError(UsageError, ValueError):
     """A job spec is invalid; the message names every offending field path."""
 
 

@@ -10,7 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.spec.base import SpecModel
-from pipeline.spec.prep import PrepSpec, StorageSpec
+from pipeline.spec.prep import PrepSpec
+from pipeline.spec.storage import StorageSpec
 
 STAGE1_LOSSES = frozenset({"itc", "itm", "itg"})
 STAGE2_LOSSES = frozenset({"lm"})

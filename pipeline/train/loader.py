@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.errors import QformerError
 from pipeline.io.storage import Location, read_bytes
 from pipeline.train.augment import TrainTransform, normalization_table, sample_rng, to_normalized_chw
 
@@ -130,7 +131,7 @@ class Batch(dict):
         self.step, self.epoch, self.sample_keys = step, epoch, sample_keys
 
 
-class DataError(RuntimeError):
+class DataError(QformerError, RuntimeError):
     """A prepared shard could not be read, or one of its rows not turned into model inputs."""
 
 

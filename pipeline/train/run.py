@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from pipeline.errors import QformerError
 from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
@@ -23,7 +24,7 @@ from pipeline.train.worker import StageTask, train_stage
 log = logging.getLogger("qformer.train")
 
 
-class TrainError(RuntimeError):
+class TrainError(QformerError, RuntimeError):
     """The job cannot run as asked (no data, incompatible tokens, a stage failed)."""
 
 
