@@ -16,23 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from pipeline.model.config import ModelSpec
 from pipeline.model.distributed import DistContext, all_gather, all_gather_with_grad
 from pipeline.model.frozen import ParameterCounts, count_parameters
 from pipeline.model.llm import load_language_model
 from pipeline.model.losses import (
-    HardNegativeSampler,
     contrastive_loss,
     generation_loss,
     language_model_labels,
     matching_loss,
+    sample_hard_negatives,
 )
 from pipeline.model.qformer import (
     QFormerLMHead,
@@ -50,8 +48,8 @@ from pipeline.model.vision import (
     load_vision_tower,
     vision_width,
 )
-
-Stage = Literal[1, 2]
+from pipeline.spec.losses import Objective, losses_of
+from pipeline.spec.model import ModelSpec
 
 
 @dataclass
@@ -123,19 +121,33 @@ class Blip2Pretrainer(nn.Module):
 
     Args:
         spec: The model spec.
-        stage: 1 (Q-Former representation learning) or 2 (generative learning with the LLM).
+        objective: 1 (Q-Former representation learning: BLIP-2's stage 1) or 2 (generative
+            learning with the LLM: its stage 2).
+        loss_weights: Weight of each loss of the objective by name (``pipeline.spec.losses``;
+            a curriculum stage's ``losses``); absent losses weigh 0. None weighs each 1.
 
     Example:
-        >>> model = Blip2Pretrainer(spec, stage=1)
+        >>> model = Blip2Pretrainer(spec, objective=1)
         >>> out = model(pixel_values=images, input_ids=ids, attention_mask=mask)
         >>> out.loss.backward()
     """
 
-    def __init__(self, spec: ModelSpec, *, stage: Stage = 1):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        objective: Objective = 1,
+        loss_weights: Mapping[str, float] | None = None,
+    ):
         super().__init__()
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        self.spec, self.stage = spec, stage
+        if objective not in (1, 2):
+            raise ValueError(f"objective must be 1 or 2, got {objective!r}")
+        self.spec, self.objective = spec, objective
+        names = [loss.name for loss in losses_of(objective)]
+        if loss_weights is not None and set(loss_weights) - set(names):
+            raise ValueError(f"objective {objective} trains {names}, not {sorted(set(loss_weights) - set(names))}")
+        self.loss_weights = {name: 1.0 if loss_weights is None else float(loss_weights.get(name, 0.0))
+                             for name in names}
         q_spec = spec.qformer
 
         self.vision_model = load_vision_tower(spec.vision)
@@ -144,7 +156,7 @@ class Blip2Pretrainer(nn.Module):
 
         bert = load_bert_config(q_spec)
         vocab_size = bert.vocab_size
-        if stage == 1:
+        if objective == 1:
             tokenizer = build_qformer_tokenizer(q_spec)
             self.dec_token_id = tokenizer.bos_token_id
             vocab_size = len(tokenizer)
@@ -153,23 +165,22 @@ class Blip2Pretrainer(nn.Module):
             bert,
             vision_width=vision_width(self.vision_model),
             vocab_size=vocab_size,
-            text_input=stage == 1,
+            text_input=objective == 1,
         )
         self.query_tokens = nn.Parameter(
             torch.randn(1, q_spec.num_query_tokens, config.hidden_size) * config.initializer_range
         )
-        if stage == 1:
+        if objective == 1:
             self.embeddings = build_text_embeddings(config)
         self.qformer = build_qformer(config)
 
-        if stage == 1:
+        if objective == 1:
             self.vision_projection = nn.Linear(config.hidden_size, q_spec.embed_dim)
             self.text_projection = nn.Linear(config.hidden_size, q_spec.embed_dim)
             self.itm_head = nn.Linear(config.hidden_size, 2)
             self.lm_head = QFormerLMHead(config, self.embeddings.word_embeddings)
             # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
             self.temp = nn.Parameter(torch.full((1,), spec.losses.init_temperature))
-            self.hard_negatives = HardNegativeSampler(spec.losses.hard_negative_seed)
         else:
             self.language_model = load_language_model(spec.llm)
             llm_width = self.language_model.get_input_embeddings().embedding_dim
@@ -189,14 +200,20 @@ class Blip2Pretrainer(nn.Module):
         # From the spec, not the parameter: ZeRO-3 leaves partitioned parameters with shape (0,).
         return self.spec.qformer.num_query_tokens
 
-    def forward(self, **batch: torch.Tensor) -> Stage1Output | Stage2Output:
-        """Run :meth:`forward_stage1` or :meth:`forward_stage2`, whichever this model's stage is.
+    def forward(self, *, itm_seed: int = 0, **batch: torch.Tensor) -> Stage1Output | Stage2Output:
+        """Run :meth:`forward_stage1` (with ``itm_seed``) or :meth:`forward_stage2`, whichever
+        this model's objective is.
 
         DDP and DeepSpeed engines need the step to go through ``forward``.
         """
-        if self.stage == 1:
-            return self.forward_stage1(**batch)
+        if self.objective == 1:
+            return self.forward_stage1(**batch, itm_seed=itm_seed)
         return self.forward_stage2(**batch)
+
+    def _weighted_total(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """() the stage's total loss: each loss of the objective (by output field) times its weight."""
+        return sum(self.loss_weights[loss.name] * values[loss.output_field]
+                   for loss in losses_of(self.objective))
 
     def _queries(self, batch: int) -> torch.Tensor:
         """(B, Q, H) the learned query tokens for a batch."""
@@ -218,6 +235,8 @@ class Blip2Pretrainer(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        *,
+        itm_seed: int = 0,
     ) -> Stage1Output:
         """Compute the stage-1 losses (ITC, ITM with hard negatives, ITG).
 
@@ -229,12 +248,14 @@ class Blip2Pretrainer(nn.Module):
             pixel_values: (B, 3, H, W) normalised images.
             input_ids: (B, T) BERT ids of ``[CLS] caption [SEP]``, right-padded.
             attention_mask: (B, T) 1 for tokens, 0 for padding.
+            itm_seed: Seeds the ITM hard-negative draws; pass the same on every rank (they draw
+                over the gathered batch) and a new one each step.
 
         Returns:
             The losses and intermediate tensors.
         """
-        if self.stage != 1:
-            raise RuntimeError("forward_stage1 needs a model built with stage=1")
+        if self.objective != 1:
+            raise RuntimeError("forward_stage1 needs a model built with objective=1")
         ctx = DistContext.current()
         losses = self.spec.losses
         batch = input_ids.shape[0]
@@ -259,8 +280,8 @@ class Blip2Pretrainer(nn.Module):
         ids_all = all_gather(input_ids, ctx)  # (N, T)
         # Pairs whose captions are the same text are matches, never drawn as ITM negatives.
         same_caption = (ids_all[:, None, :] == ids_all[None, :, :]).all(dim=-1)  # (N, N)
-        negative_texts, negative_images = self.hard_negatives.sample(
-            all_gather(itc.sim_i2t, ctx), same_caption
+        negative_texts, negative_images = sample_hard_negatives(
+            all_gather(itc.sim_i2t, ctx), same_caption, seed=itm_seed
         )
         local = slice(ctx.rank * batch, (ctx.rank + 1) * batch)
         negative_texts, negative_images = negative_texts[local], negative_images[local]  # (B,)
@@ -276,13 +297,8 @@ class Blip2Pretrainer(nn.Module):
         loss_itg = generation_loss(
             itg_logits, input_ids, attention_mask, label_smoothing=losses.label_smoothing
         )
-        loss = (
-            losses.itc_weight * itc.loss
-            + losses.itm_weight * loss_itm
-            + losses.itg_weight * loss_itg
-        )
         return Stage1Output(
-            loss=loss,
+            loss=self._weighted_total({"loss_itc": itc.loss, "loss_itm": loss_itm, "loss_itg": loss_itg}),
             loss_itc=itc.loss,
             loss_itm=loss_itm,
             loss_itg=loss_itg,
@@ -357,6 +373,13 @@ class Blip2Pretrainer(nn.Module):
         ).last_hidden_state  # (B, Q + T, H)
         return self.itm_head(hidden[:, : self.num_query_tokens]).mean(dim=1)  # (B, 2)
 
+    def visual_prompt(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images -> the (B, Q, H) query outputs and the (B, Q, D_llm) soft prompt
+        they become for the frozen LLM, in the LLM's dtype."""
+        query_output = self.query_image(self.encode_image(pixel_values))  # (B, Q, H)
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        return query_output, self.language_projection(query_output).to(dtype)
+
     def forward_stage2(
         self,
         pixel_values: torch.Tensor,
@@ -375,14 +398,11 @@ class Blip2Pretrainer(nn.Module):
         Returns:
             The loss and logits.
         """
-        if self.stage != 2:
-            raise RuntimeError("forward_stage2 needs a model built with stage=2")
-        query_output = self.query_image(self.encode_image(pixel_values))  # (B, Q, H)
+        if self.objective != 2:
+            raise RuntimeError("forward_stage2 needs a model built with objective=2")
+        query_output, visual_prompt = self.visual_prompt(pixel_values)  # (B, Q, H), (B, Q, D_llm)
         embed_tokens = self.language_model.get_input_embeddings()
-        visual_prompt = self.language_projection(query_output)  # (B, Q, D_llm)
-        inputs_embeds = torch.cat(
-            [visual_prompt.to(embed_tokens.weight.dtype), embed_tokens(llm_input_ids)], dim=1
-        )  # (B, Q + T, D_llm)
+        inputs_embeds = torch.cat([visual_prompt, embed_tokens(llm_input_ids)], dim=1)  # (B, Q + T, D_llm)
         prompt_mask = llm_attention_mask.new_ones(query_output.shape[:2])  # (B, Q)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -393,7 +413,7 @@ class Blip2Pretrainer(nn.Module):
             use_cache=False,
         )
         return Stage2Output(
-            loss=self.spec.losses.lm_weight * out.loss,
+            loss=self._weighted_total({"loss_lm": out.loss}),
             loss_lm=out.loss,
             logits=out.logits,
             query_output=query_output,

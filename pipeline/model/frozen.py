@@ -10,7 +10,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from pipeline.spec.model import DType
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    """The ``torch.dtype`` a spec's dtype name stands for."""
+    return getattr(torch, name)
 
 
 def _train_stays_eval(module: nn.Module, mode: bool = True) -> nn.Module:

@@ -49,15 +49,6 @@ def prefix_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return list(ids)
 
 
-def visual_prompt(model: Blip2Pretrainer, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> (B, Q, D_llm) projected queries in the LLM's dtype."""
-    if model.stage != 2:
-        raise ValueError("caption generation needs a stage-2 model (one with the LLM)")
-    query_output = model.query_image(model.encode_image(pixel_values))  # (B, Q, H)
-    embed_tokens = model.language_model.get_input_embeddings()
-    return model.language_projection(query_output).to(embed_tokens.weight.dtype)  # (B, Q, D_llm)
-
-
 @torch.no_grad()
 def generate_captions(
     model: Blip2Pretrainer,
@@ -80,7 +71,9 @@ def generate_captions(
     Returns:
         The B captions, special tokens removed and whitespace stripped.
     """
-    visual = visual_prompt(model, pixel_values)  # (B, Q, D_llm)
+    if model.objective != 2:
+        raise ValueError("caption generation needs a model of objective 2 (one with the LLM)")
+    _, visual = model.visual_prompt(pixel_values)  # (B, Q, D_llm)
     batch, device = visual.shape[0], visual.device
     prefix = torch.tensor(prefix_ids(tokenizer, decoding.prompt), dtype=torch.long, device=device)
     prefix_embeds = model.language_model.get_input_embeddings()(prefix)  # (P, D_llm)

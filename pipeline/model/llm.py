@@ -10,8 +10,8 @@ from transformers import (
 )
 
 from pipeline.assets import resolve_model, resolve_tokenizer
-from pipeline.model.config import LLMSpec, torch_dtype
-from pipeline.model.frozen import freeze
+from pipeline.model.frozen import freeze, torch_dtype
+from pipeline.spec.model import LLMSpec
 
 
 def load_language_model(spec: LLMSpec) -> PreTrainedModel:

@@ -17,6 +17,26 @@ IGNORE_INDEX = -100
 """Label of positions that carry no loss."""
 
 
+def image_text_similarity(
+    image_feats: torch.Tensor, text_feats: torch.Tensor, *, text_major: bool = False
+) -> torch.Tensor:
+    """BLIP-2's image-text similarity: the best query's cosine similarity with the caption.
+
+    Args:
+        image_feats: (N, Q, E) L2-normalised query features of N images.
+        text_feats: (M, E) L2-normalised ``[CLS]`` features of M captions.
+        text_major: Return the (M, N) transpose, computed text-major (its backward sums in
+            another order than a transposed (N, M) result's: runs of earlier versions stay
+            bitwise reproducible).
+
+    Returns:
+        (N, M) similarities, or (M, N) when ``text_major``.
+    """
+    if text_major:
+        return torch.einsum("me,nqe->mnq", text_feats, image_feats).amax(dim=2)  # (M, N)
+    return torch.einsum("nqe,me->nqm", image_feats, text_feats).amax(dim=1)  # (N, M)
+
+
 @dataclass(frozen=True)
 class ContrastiveResult:
     """The image-text contrastive loss and its similarity logits.
@@ -55,9 +75,8 @@ def contrastive_loss(
         label_smoothing: Label smoothing of both cross-entropies.
     """
     batch = image_feats.shape[0]
-    sim_i2t = torch.einsum("bqe,ne->bqn", image_feats, text_feat_all).amax(dim=1)  # (B, N)
-    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).amax(dim=2)  # (B, N)
-    sim_i2t, sim_t2i = sim_i2t / temperature, sim_t2i / temperature
+    sim_i2t = image_text_similarity(image_feats, text_feat_all) / temperature  # (B, N)
+    sim_t2i = image_text_similarity(image_feats_all, text_feat, text_major=True) / temperature  # (B, N)
     targets = rank * batch + torch.arange(batch, device=image_feats.device)  # (B,)
     loss = (
         F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)
@@ -66,63 +85,47 @@ def contrastive_loss(
     return ContrastiveResult(loss=loss, sim_i2t=sim_i2t, sim_t2i=sim_t2i)
 
 
-class HardNegativeSampler:
-    """Draws ITM hard negatives from the contrastive similarities of the gathered batch.
+@torch.no_grad()
+def sample_hard_negatives(
+    sim_i2t_all: torch.Tensor, same_caption: torch.Tensor | None = None, *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one ITM negative caption per image and one negative image per caption.
 
     Every rank samples over the *whole* gathered (N, N) similarity matrix with a generator seeded
-    identically everywhere, then keeps its own rows: all ranks, and one process holding the
-    concatenated batch, draw the same negatives. The generator lives on the device of the first
-    similarities it sees; its draws advance with every call, in step on all ranks.
+    by ``seed`` (pass the same on every rank), then keeps its own rows: all ranks, and one process
+    holding the concatenated batch, draw the same negatives.
+
+    The probability of a candidate is the softmax of its similarity over the row, with the
+    positive pairs excluded, as in LAVIS (which, given image ids, also excludes every pair of the
+    same image). Corpora where many images share a caption would otherwise draw mostly
+    "negatives" that are true matches: the same caption scores like the positive.
 
     Args:
-        seed: Seed of the generator, the same on every rank.
+        sim_i2t_all: (N, N) image-to-text similarity logits of the gathered batch, image ``i``'s
+            positive caption at column ``i``.
+        same_caption: (N, N) bool, True where captions ``i`` and ``j`` are the same text, also
+            excluded; a row left without candidates excludes only its diagonal.
+        seed: Seeds the draws.
+
+    Returns:
+        ``(negative_text_of_image, negative_image_of_text)``, each (N,) indices into the
+        gathered batch.
+
+    Raises:
+        ValueError: The gathered batch has fewer than two pairs (no negative exists).
     """
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-
-    def _generator_on(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
-
-    @torch.no_grad()
-    def sample(
-        self, sim_i2t_all: torch.Tensor, same_caption: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample one negative caption per image and one negative image per caption.
-
-        The probability of a candidate is the softmax of its similarity over the row, with the
-        positive pairs excluded, as in LAVIS (which, given image ids, also excludes every pair
-        of the same image). Corpora where many images share a caption would otherwise draw
-        mostly "negatives" that are true matches: the same caption scores like the positive.
-
-        Args:
-            sim_i2t_all: (N, N) image-to-text similarity logits of the gathered batch, image
-                ``i``'s positive caption at column ``i``.
-            same_caption: (N, N) bool, True where captions ``i`` and ``j`` are the same text,
-                also excluded; a row left without candidates excludes only its diagonal.
-
-        Returns:
-            ``(negative_text_of_image, negative_image_of_text)``, each (N,) indices into the
-            gathered batch.
-
-        Raises:
-            ValueError: The gathered batch has fewer than two pairs (no negative exists).
-        """
-        size = sim_i2t_all.shape[0]
-        if size < 2:
-            raise ValueError("ITM hard negatives need 2 or more pairs in the gathered batch")
-        positives = torch.eye(size, dtype=torch.bool, device=sim_i2t_all.device)  # (N, N)
-        if same_caption is not None:
-            only_matches = (same_caption | positives).all(dim=1, keepdim=True)  # (N, 1)
-            positives = torch.where(only_matches, positives, same_caption | positives)
-        sim = sim_i2t_all.float().masked_fill(positives, float("-inf"))  # (N, N)
-        generator = self._generator_on(sim.device)
-        negative_texts = torch.multinomial(sim.softmax(dim=1), 1, generator=generator)  # (N, 1)
-        negative_images = torch.multinomial(sim.t().softmax(dim=1), 1, generator=generator)
-        return negative_texts.squeeze(1), negative_images.squeeze(1)
+    size = sim_i2t_all.shape[0]
+    if size < 2:
+        raise ValueError("ITM hard negatives need 2 or more pairs in the gathered batch")
+    positives = torch.eye(size, dtype=torch.bool, device=sim_i2t_all.device)  # (N, N)
+    if same_caption is not None:
+        only_matches = (same_caption | positives).all(dim=1, keepdim=True)  # (N, 1)
+        positives = torch.where(only_matches, positives, same_caption | positives)
+    sim = sim_i2t_all.float().masked_fill(positives, float("-inf"))  # (N, N)
+    generator = torch.Generator(device=sim.device).manual_seed(seed)
+    negative_texts = torch.multinomial(sim.softmax(dim=1), 1, generator=generator)  # (N, 1)
+    negative_images = torch.multinomial(sim.t().softmax(dim=1), 1, generator=generator)
+    return negative_texts.squeeze(1), negative_images.squeeze(1)
 
 
 def matching_loss(itm_logits: torch.Tensor) -> torch.Tensor:

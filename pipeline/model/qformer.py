@@ -24,7 +24,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from pipeline.assets import resolve_model, resolve_tokenizer
-from pipeline.model.config import QFormerSpec
+from pipeline.spec.model import QFormerSpec
 
 DEC_TOKEN = "[DEC]"
 """Begin-of-sequence token of ITG captions; it replaces ``[CLS]``."""

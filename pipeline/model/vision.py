@@ -30,8 +30,8 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import cached_file
 
 from pipeline.assets import resolve_model
-from pipeline.model.config import VisionTowerSpec, torch_dtype
-from pipeline.model.frozen import freeze
+from pipeline.model.frozen import freeze, torch_dtype
+from pipeline.spec.model import VisionTowerSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
-from pipeline.model.config import ModelSpec
 from pipeline.spec.base import SpecModel
+from pipeline.spec.model import ModelSpec
 from pipeline.spec.prep import PrepSpec
 from pipeline.spec.train import DataSpec, DeepSpeedSpec, RunSpec, ScalingSpec, StageSpec
 

@@ -1,6 +1,6 @@
 """Typed spec of a training job: the run, scaling, data, DeepSpeed settings and stages.
 
-The model section is :class:`pipeline.model.config.ModelSpec`.
+The model section is :class:`pipeline.spec.model.ModelSpec`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.spec.base import SpecModel
+from pipeline.spec.losses import LossName, Objective, objective_of
 from pipeline.spec.prep import PrepSpec
 from pipeline.spec.storage import StorageSpec
-
-STAGE1_LOSSES = frozenset({"itc", "itm", "itg"})
-STAGE2_LOSSES = frozenset({"lm"})
 
 
 class RunSpec(SpecModel):
@@ -164,9 +162,10 @@ class StageSpec(SpecModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Stage name (a folder of the run, and what ``init_from`` refers to)."""
-    losses: dict[Literal["itc", "itm", "itg", "lm"], float]
-    """Loss weights. Stage 1 (Q-Former vs the frozen ViT): any of itc, itm, itg. Stage 2
-    (with the frozen LLM): lm."""
+    losses: dict[LossName, float]
+    """Loss weights, all of one objective (``pipeline.spec.losses``): any of itc, itm, itg
+    (objective 1, the Q-Former against the frozen vision tower), or lm (objective 2, through the
+    frozen LLM). The stage's total loss is their weighted sum."""
     steps: int = Field(ge=1)
     """Optimizer steps of the stage."""
     batch_size: int = Field(ge=1)
@@ -184,17 +183,16 @@ class StageSpec(SpecModel):
     """Periodic evaluation on a held-out set; None: none."""
 
     @property
-    def model_stage(self) -> Literal[1, 2]:
+    def objective(self) -> Objective:
         """1 for representation learning (itc/itm/itg), 2 for generative learning (lm)."""
-        return 2 if "lm" in self.losses else 1
+        return objective_of(self.losses)
 
     @model_validator(mode="after")
     def _losses(self) -> "StageSpec":
-        names = set(self.losses)
-        if not names:
-            raise ValueError("losses: name at least one loss")
-        if names & STAGE2_LOSSES and names & STAGE1_LOSSES:
-            raise ValueError("losses: lm (stage 2) cannot be combined with itc/itm/itg (stage 1)")
+        try:
+            objective_of(self.losses)
+        except ValueError as err:
+            raise ValueError(f"losses: {err}") from None
         if any(weight < 0 for weight in self.losses.values()):
             raise ValueError("losses: weights must be >= 0")
         return self

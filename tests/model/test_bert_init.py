@@ -9,7 +9,8 @@ import torch
 from transformers import BertForMaskedLM
 
 from pipeline.assets import MINILM, resolve_model
-from pipeline.model import Blip2Pretrainer, ModelSpec, build_qformer_tokenizer
+from pipeline.model import Blip2Pretrainer, build_qformer_tokenizer
+from pipeline.spec.model import ModelSpec
 from pipeline.model.qformer import copy_bert_weights
 
 from .tiny import VISION_WIDTH, caption_batch, tiny_spec
@@ -69,7 +70,7 @@ def _check_text_pass_is_bert(model: Blip2Pretrainer, bert: BertForMaskedLM, toke
 
 def test_tiny_bert_init_copies_weights_and_mlm_head(vision_dirs, bert_dir):
     spec = tiny_spec(vision_dirs("vit"), bert_dir)
-    model = Blip2Pretrainer(spec, stage=1)
+    model = Blip2Pretrainer(spec, objective=1)
     bert = BertForMaskedLM.from_pretrained(bert_dir)
     _check_copied_from(model, bert)
     tokenizer = build_qformer_tokenizer(spec.qformer)
@@ -82,15 +83,15 @@ def test_tiny_bert_init_copies_weights_and_mlm_head(vision_dirs, bert_dir):
 
 def test_truncated_and_random_qformers(vision_dirs, bert_dir):
     spec = tiny_spec(vision_dirs("vit"), bert_dir)
-    two = Blip2Pretrainer(_with_bert(spec, str(bert_dir), num_hidden_layers=2), stage=1)
+    two = Blip2Pretrainer(_with_bert(spec, str(bert_dir), num_hidden_layers=2), objective=1)
     assert len(two.qformer.encoder.layer) == 2
     bert = BertForMaskedLM.from_pretrained(bert_dir)
     _check_copied_from(two, bert)
-    random = Blip2Pretrainer(_with_bert(spec, str(bert_dir), load_bert_weights=False), stage=1)
+    random = Blip2Pretrainer(_with_bert(spec, str(bert_dir), load_bert_weights=False), objective=1)
     ref = bert.bert.encoder.layer[0].attention.self.query.weight
     assert not torch.equal(random.qformer.encoder.layer[0].attention.attention.query.weight, ref)
     with pytest.raises(ValueError, match="only 4 layers"):
-        Blip2Pretrainer(_with_bert(spec, str(bert_dir), num_hidden_layers=5), stage=1)
+        Blip2Pretrainer(_with_bert(spec, str(bert_dir), num_hidden_layers=5), objective=1)
 
 
 @pytest.mark.skipif(
@@ -99,7 +100,7 @@ def test_truncated_and_random_qformers(vision_dirs, bert_dir):
 )
 def test_minilm_init(vision_dirs):
     spec = tiny_spec(vision_dirs("dinov2"), MINILM)
-    model = Blip2Pretrainer(spec, stage=1)
+    model = Blip2Pretrainer(spec, objective=1)
     bert = BertForMaskedLM.from_pretrained(resolve_model(MINILM))
     assert model.qformer.config.hidden_size == 384 and len(model.qformer.encoder.layer) == 6
     _check_copied_from(model, bert)

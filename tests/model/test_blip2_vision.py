@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from pipeline.model import VisionTowerSpec, image_preprocessing
+from pipeline.model import image_preprocessing
+from pipeline.spec.model import VisionTowerSpec
 from pipeline.model.vision import (
     VisionTowerError,
     encode_images,

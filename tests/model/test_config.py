@@ -6,8 +6,8 @@ import pydantic
 import pytest
 import torch
 
-from pipeline.model import LossSpec, ModelSpec
-from pipeline.model.config import torch_dtype
+from pipeline.spec.model import LossSpec, ModelSpec
+from pipeline.model.frozen import torch_dtype
 
 
 def test_defaults_describe_the_paper_setup():

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.model import Blip2Pretrainer, DistContext, ModelSpec, build_qformer_tokenizer
+from pipeline.model import Blip2Pretrainer, DistContext, build_qformer_tokenizer
+from pipeline.spec.model import ModelSpec
 from pipeline.model.distributed import all_gather, all_gather_with_grad
 
 from .tiny import COLORS, IMAGE_SIZE, SHAPES, caption_batch, tiny_spec
@@ -46,7 +47,7 @@ def _worker(rank: int, port: int, spec_json: str, state: dict, batch: dict, out_
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        model = Blip2Pretrainer(ModelSpec.model_validate_json(spec_json), stage=1).eval()
+        model = Blip2Pretrainer(ModelSpec.model_validate_json(spec_json), objective=1).eval()
         model.load_state_dict(state)
         local = {k: v[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH] for k, v in batch.items()}
         result = _step(model, local)
@@ -70,7 +71,7 @@ def _worker(rank: int, port: int, spec_json: str, state: dict, batch: dict, out_
 def setup(vision_dirs, bert_dir):
     spec = tiny_spec(vision_dirs("vit"), bert_dir)
     torch.manual_seed(0)
-    model = Blip2Pretrainer(spec, stage=1).eval()
+    model = Blip2Pretrainer(spec, objective=1).eval()
     captions = [f"a {c} {s}" for c, s in zip(COLORS, SHAPES * 2)][: WORLD * LOCAL_BATCH]
     batch = caption_batch(build_qformer_tokenizer(spec.qformer), captions)
     batch["pixel_values"] = torch.randn(WORLD * LOCAL_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)

@@ -35,7 +35,7 @@ TRAINABLE_ROOTS = {
 def stage1(vision_dirs, bert_dir):
     spec = tiny_spec(vision_dirs("clip"), bert_dir)
     torch.manual_seed(0)
-    model = Blip2Pretrainer(spec, stage=1)
+    model = Blip2Pretrainer(spec, objective=1)
     tokenizer = build_qformer_tokenizer(spec.qformer)
     batch = caption_batch(tokenizer, ["a red circle", "a blue triangle", "a shape"])
     batch["pixel_values"] = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -98,7 +98,7 @@ def test_trainable_state_round_trip_and_stage2_init(stage1, vision_dirs, bert_di
     model.eval()
     state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     torch.manual_seed(1)
-    fresh = Blip2Pretrainer(model.spec, stage=1).eval()
+    fresh = Blip2Pretrainer(model.spec, objective=1).eval()
     assert fresh.load_trainable_state_dict(state) == ([], [])
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).loss_itg, model(**batch).loss_itg)
@@ -106,7 +106,7 @@ def test_trainable_state_round_trip_and_stage2_init(stage1, vision_dirs, bert_di
         fresh.load_trainable_state_dict({"nope": torch.zeros(1)})
 
     spec2 = tiny_spec(vision_dirs("clip"), bert_dir, llm_dirs("opt"))
-    stage2 = Blip2Pretrainer(spec2, stage=2)
+    stage2 = Blip2Pretrainer(spec2, objective=2)
     missing, unexpected = stage2.load_trainable_state_dict(state, strict=False)
     assert missing == ["language_projection.bias", "language_projection.weight"]
     caption_side = {"embeddings", "text_projection", "vision_projection", "itm_head", "lm_head"}
@@ -118,7 +118,7 @@ def test_trainable_state_round_trip_and_stage2_init(stage1, vision_dirs, bert_di
 
 def test_stage2_llm_is_frozen(vision_dirs, bert_dir, llm_dirs):
     spec = tiny_spec(vision_dirs("vit"), bert_dir, llm_dirs("gpt2"))
-    model = Blip2Pretrainer(spec, stage=2).train()
+    model = Blip2Pretrainer(spec, objective=2).train()
     llm_before = {n: p.clone() for n, p in model.language_model.named_parameters()}
     assert is_frozen(model.language_model) and not model.language_model.training
     ids = torch.randint(0, LLM_VOCAB, (2, 5))

@@ -32,7 +32,7 @@ def test_unilm_mask_pattern():
 def _model_and_batch(vision_dirs, bert_dir):
     spec = tiny_spec(vision_dirs("vit"), bert_dir)
     torch.manual_seed(0)
-    model = Blip2Pretrainer(spec, stage=1).eval()
+    model = Blip2Pretrainer(spec, objective=1).eval()
     tokenizer = build_qformer_tokenizer(spec.qformer)
     batch = caption_batch(tokenizer, ["a red circle", "a blue triangle"])
     return model, tokenizer, batch, torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)

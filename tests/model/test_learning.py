@@ -72,7 +72,7 @@ def test_stage1_losses_go_down(tmp_path):
     tokenizer = build_qformer_tokenizer(spec.qformer)
 
     torch.manual_seed(0)
-    model = Blip2Pretrainer(spec, stage=1).train()
+    model = Blip2Pretrainer(spec, objective=1).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.05)
     rng = random.Random(0)

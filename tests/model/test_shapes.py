@@ -7,12 +7,8 @@ import json
 import pytest
 import torch
 
-from pipeline.model import (
-    Blip2Pretrainer,
-    VisionTowerSpec,
-    build_qformer_tokenizer,
-    image_preprocessing,
-)
+from pipeline.model import Blip2Pretrainer, build_qformer_tokenizer, image_preprocessing
+from pipeline.spec.model import VisionTowerSpec
 from pipeline.model.vision import IMAGENET_MEAN, VisionTowerError, load_vision_tower
 
 from .tiny import IMAGE_SIZE, LLM_VOCAB, VISION_LAYERS, VISION_WIDTH, caption_batch, tiny_spec
@@ -34,7 +30,7 @@ TOKENS = (IMAGE_SIZE // 8) ** 2 + 1
 )
 def test_stage1_shapes(kind, tokens, vision_dirs, bert_dir):
     spec = tiny_spec(vision_dirs(kind), bert_dir)
-    model = Blip2Pretrainer(spec, stage=1)
+    model = Blip2Pretrainer(spec, objective=1)
     tokenizer = build_qformer_tokenizer(spec.qformer)
     batch = caption_batch(tokenizer, CAPTIONS)
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -61,7 +57,7 @@ def test_vision_tower_in_bfloat16_with_dropped_layer(vision_dirs, bert_dir):
     spec = tiny_spec(vision_dirs("dinov2"), bert_dir).model_copy(
         update={"vision": VisionTowerSpec(name=str(vision_dirs("dinov2")), dtype="bfloat16")}
     )
-    model = Blip2Pretrainer(spec, stage=1)
+    model = Blip2Pretrainer(spec, objective=1)
     assert all(p.dtype == torch.bfloat16 for p in model.vision_model.parameters())
     assert len(model.vision_model.encoder.layer) == VISION_LAYERS - 1
     assert model.vision_model.config.num_hidden_layers == VISION_LAYERS - 1
@@ -92,7 +88,7 @@ def test_vision_checkpoint_without_tower_weights_is_an_error(vision_dirs, tmp_pa
 @pytest.mark.parametrize("llm", ["llama", "gpt2", "opt"])
 def test_stage2_shapes_and_labels(llm, vision_dirs, bert_dir, llm_dirs):
     spec = tiny_spec(vision_dirs("vit"), bert_dir, llm_dirs(llm))
-    model = Blip2Pretrainer(spec, stage=2)
+    model = Blip2Pretrainer(spec, objective=2)
     assert not hasattr(model, "embeddings") and not hasattr(model, "itm_head")
     assert model.language_projection.out_features == 32
     ids = torch.randint(0, LLM_VOCAB, (2, 7))
@@ -115,7 +111,7 @@ def test_stage2_shapes_and_labels(llm, vision_dirs, bert_dir, llm_dirs):
 def test_stage2_in_bfloat16_with_a_prompt(vision_dirs, bert_dir, llm_dirs):
     spec = tiny_spec(vision_dirs("vit"), bert_dir, llm_dirs("llama"))
     spec = spec.model_copy(update={"llm": spec.llm.model_copy(update={"dtype": "bfloat16"})})
-    model = Blip2Pretrainer(spec, stage=2)
+    model = Blip2Pretrainer(spec, objective=2)
     assert model.language_model.dtype == torch.bfloat16
     ids = torch.randint(0, LLM_VOCAB, (2, 6))
     mask = torch.ones_like(ids)

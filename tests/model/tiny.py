@@ -27,7 +27,7 @@ from transformers import (
     ViTModel,
 )
 
-from pipeline.model import ModelSpec
+from pipeline.spec.model import ModelSpec
 
 IMAGE_SIZE = 32
 VISION_WIDTH = 32

@@ -8,25 +8,14 @@ Q-Former with 32 queries, and OPT-2.7B as the stage-2 language model. Model name
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.spec.base import SpecModel
 
-if TYPE_CHECKING:
-    import torch
-
 DType = Literal["float32", "bfloat16", "float16"]
 """Precision a frozen tower is held in."""
-
-
-def torch_dtype(name: DType) -> torch.dtype:
-    """The ``torch.dtype`` a spec's dtype name stands for."""
-    # Imported here: validating a job spec must not load torch.
-    import torch
-
-    return getattr(torch, name)
 
 
 class VisionTowerSpec(SpecModel):
@@ -94,19 +83,7 @@ class LLMSpec(SpecModel):
 
 
 class LossSpec(SpecModel):
-    """Weights and hyper-parameters of the pretraining losses."""
-
-    itc_weight: float = Field(default=1.0, ge=0.0)
-    """Weight of the image-text contrastive loss (stage 1)."""
-
-    itm_weight: float = Field(default=1.0, ge=0.0)
-    """Weight of the image-text matching loss (stage 1)."""
-
-    itg_weight: float = Field(default=1.0, ge=0.0)
-    """Weight of the image-grounded text generation loss (stage 1)."""
-
-    lm_weight: float = Field(default=1.0, ge=0.0)
-    """Weight of the frozen LLM's language-modelling loss (stage 2)."""
+    """Hyper-parameters of the pretraining losses (their weights are each stage's ``losses``)."""
 
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Label smoothing of the ITC and ITG cross-entropies."""
@@ -119,10 +96,6 @@ class LossSpec(SpecModel):
 
     max_temperature: float = Field(default=0.5, gt=0.0)
     """Upper clamp of the temperature."""
-
-    hard_negative_seed: int = Field(default=0, ge=0)
-    """Seed of the ITM hard-negative sampler; equal on every rank, so that all ranks draw the
-    same negatives over the gathered batch."""
 
     @model_validator(mode="after")
     def _temperature_range(self) -> LossSpec:
@@ -147,4 +120,4 @@ class ModelSpec(SpecModel):
     """The frozen language model (used in stage 2 only)."""
 
     losses: LossSpec = LossSpec()
-    """Loss weights and hyper-parameters."""
+    """Loss hyper-parameters."""
