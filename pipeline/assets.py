@@ -35,6 +35,17 @@ tokenizer, and a Llama with the SmolLM2 vocabulary and tokenizer, so they read t
 prepared tokens as the real models. Built from configs with a fixed seed, saved once."""
 
 
+def tiny_model_section(*, num_query_tokens: int = 8, embed_dim: int = 32, max_text_length: int = 16) -> dict:
+    """A job spec's ``model:`` section over the tiny towers, in fp32 at 32 px, as a mapping
+    (benchmarks and tests validate it into their job specs)."""
+    return {
+        "vision": {"name": TINY_VIT, "dtype": "float32", "image_size": 32},
+        "qformer": {"bert": TINY_BERT, "num_query_tokens": num_query_tokens, "embed_dim": embed_dim,
+                    "max_text_length": max_text_length},
+        "llm": {"name": TINY_LLAMA, "dtype": "float32"},
+    }
+
+
 class AssetError(UsageError, RuntimeError):
     """A named asset cannot be found (its package is not installed, or the name is unknown)."""
 

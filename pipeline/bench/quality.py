@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.data.prepared import MANIFEST
 from pipeline.io.storage import Location, exists, write_bytes_atomic
 from pipeline.spec import JobSpec, SpecError, load_spec
 from pipeline.spec.prep import PrepSpec
@@ -58,7 +59,7 @@ def load_benchmark_spec(path: str, overrides: list[str]) -> JobSpec:
     job = load_spec(path, JobSpec, overrides)
     if job.prep is None or not job.is_training:
         raise SpecError(f"{path}: the quality benchmark needs a prep section and a training job")
-    if sorted({stage.model_stage for stage in job.stages}) != [1, 2]:
+    if sorted({stage.objective for stage in job.stages}) != [1, 2]:
         raise SpecError(f"{path}: stages: the quality benchmark needs a stage-1 and a stage-2 stage")
     for split in SPLITS:
         split_prep(job.prep, split)
@@ -91,7 +92,7 @@ def run_quality_benchmark(spec_path: str, overrides: list[str], *, fresh: bool =
         log.info("bench quality: evaluating %s on the whole test split", stage.name)
         request = EvalRequest(checkpoint=done["checkpoint"], data=[test], itm_top_k=8, max_new_tokens=8,
                               ray_address=job.run.ray_address)
-        evals[stage.model_stage] = run_eval(request)
+        evals[stage.objective] = run_eval(request)
     elapsed = time.monotonic() - started
 
     out = run_dir.child("quality")
@@ -115,7 +116,7 @@ def _prepare_splits(job: JobSpec) -> None:
         if not any(Path(raw_folder).glob("*.tar")):
             log.info("bench quality: writing the %s split of the demo corpus to %s", split, raw_folder)
             write_demo_corpus(raw_folder, split=split)
-        if not exists(Location.of(prep.output).child("manifest.json")):
+        if not exists(Location.of(prep.output).child(MANIFEST)):
             log.info("bench quality: preparing the %s split into %s", split, prep.output)
             run_prep(prep, ray_address=job.run.ray_address)
 
@@ -167,7 +168,7 @@ def _plot_curves(job: JobSpec, run_dir: Location, target: Location) -> str:
         if held_out_loss:
             losses.plot(*zip(*held_out_loss), linestyle="--", marker="o", label="held-out caption_loss")
         losses.set_title(f"{stage.name}: training losses")
-        names = REPORTED[stage.model_stage]
+        names = REPORTED[stage.objective]
         for name in names:
             points = [(r["step"], r["eval_" + name]) for r in records if "eval_" + name in r]
             if points and name not in ("i2t_r1", "caption_loss", "perplexity"):  # i2t_r1 = caption_accuracy

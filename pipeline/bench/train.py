@@ -17,15 +17,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.assets import tiny_model_section
+from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 
 WARMUP_STEPS = 5
-TINY_MODEL = {
-    "vision": {"name": "tiny:vit", "dtype": "float32", "image_size": 32},
-    "qformer": {"bert": "tiny:bert", "num_query_tokens": 8, "embed_dim": 32, "max_text_length": 16},
-    "llm": {"name": "tiny:llama", "dtype": "float32"},
-}
 
 
 def _prepare(root: Path) -> str:
@@ -46,7 +43,7 @@ def _job(root: Path, prepared: str, steps: int, batch_size: int) -> JobSpec:
     return validate_spec({
         "run": {"name": "bench", "storage": str(root / "runs"), "seed": 0},
         "scaling": {"workers": 1, "cpus_per_worker": 1},
-        "model": TINY_MODEL,
+        "model": tiny_model_section(),
         "data": {"prepared": prepared, "decode_threads": 1},
         "deepspeed": {"zero_stage": 2, "precision": "fp32"},
         "stages": [{"name": "stage1", "losses": {"itc": 1, "itm": 1, "itg": 1}, "steps": steps,
@@ -58,18 +55,17 @@ def plain_loop(job: JobSpec, steps: int) -> list[float]:
     """Step times of the plain loop (same model, optimizer, schedule and batch stream)."""
     from pipeline.io.storage import Location
     from pipeline.model import Blip2Pretrainer, image_preprocessing
-    from pipeline.train.loader import BatchStream, LoaderConfig, shards_from_manifest
+    from pipeline.train.loader import BatchStream, LoaderConfig
     from pipeline.train.optim import build_optimizer, build_scheduler
-    from pipeline.train.worker import model_spec_for
 
     stage = job.stages[0]
     torch.manual_seed(0)
-    spec = model_spec_for(job, stage)
-    model = Blip2Pretrainer(spec, stage=1)
+    spec = job.model
+    model = Blip2Pretrainer(spec, objective=stage.objective, loss_weights=stage.losses)
     optimizer = build_optimizer(model, stage.optimizer)
     scheduler = build_scheduler(optimizer, stage.optimizer, steps)
     pre = image_preprocessing(spec.vision)
-    shards = shards_from_manifest(Location.of(job.data.prepared).child("manifest.json"))
+    shards = shards_from_manifest(Location.of(job.data.prepared).child(MANIFEST))
     config = LoaderConfig(shards=shards, batch_size=stage.batch_size, image_size=pre.image_size,
                           mean=pre.mean, std=pre.std, text="qformer", decode_threads=1)
     times = []

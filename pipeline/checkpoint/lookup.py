@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
 
 from pydantic import ValidationError
 
+from pipeline.checkpoint.format import COMPLETE, METADATA, SUMMARY, TRAINABLE, CheckpointError
 from pipeline.io.storage import Location, exists, read_bytes
-from pipeline.model.config import ModelSpec
 from pipeline.spec import JobSpec
+from pipeline.spec.losses import Objective
+from pipeline.spec.model import ModelSpec
 from pipeline.spec.train import StageSpec
-from pipeline.train.checkpoint import METADATA, TRAINABLE
-
-COMPLETE = "complete.json"
-SUMMARY = "summary.json"
 
 
-class CheckpointNotFound(ValueError):
+class CheckpointNotFound(CheckpointError):
     """No usable checkpoint where one was asked for (one line saying why)."""
 
 
@@ -47,20 +44,19 @@ class TrainedCheckpoint:
     stage: StageSpec
 
     @property
-    def model_stage(self) -> Literal[1, 2]:
+    def objective(self) -> Objective:
         """1: Q-Former representation learning; 2: generative learning with the LLM."""
-        return self.stage.model_stage
+        return self.stage.objective
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The model spec the stage trained with."""
+        return self.job.model
 
     @property
     def step(self) -> int:
         """Optimizer steps the stage had taken."""
         return int(self.metadata["step"])
-
-    def model_spec(self) -> ModelSpec:
-        """The model spec the stage trained with (its loss weights included)."""
-        from pipeline.train.worker import model_spec_for
-
-        return model_spec_for(self.job, self.stage)
 
 
 def find_checkpoint(folder: Location, stage: str | None = None) -> TrainedCheckpoint:

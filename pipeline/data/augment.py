@@ -1,4 +1,5 @@
-"""Training-time image transform: JPEG bytes to a normalised array, with Pillow and numpy only.
+"""Prepared JPEG bytes to a model input: decode, (augment,) resize and normalise, with Pillow and
+numpy only. Training and evaluation both use it (evaluation without augmentation).
 
 Augmentation is BLIP-2's: a random resized crop (area fraction ``crop_scale``, aspect ratio
 3/4..4/3, bicubic) and a horizontal flip with probability 1/2. Every random draw comes from a
@@ -16,11 +17,6 @@ from PIL import Image
 
 _RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
-
-
-def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
-    """The generator for the sample at ``position`` of ``epoch``'s stream (seeded, reproducible)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, 2, epoch, position]))
 
 
 def crop_box(

@@ -19,6 +19,7 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from pipeline.errors import UsageError
 from pipeline.data import dedup
 from pipeline.data.drops import merge_counts
+from pipeline.data.prepared import MANIFEST
 from pipeline.data.processor import ShardProcessor
 from pipeline.data.shards import WORK_DIR, ShardTask, plan_tasks
 from pipeline.io.storage import Location, exists, expand_inputs, read_bytes, write_bytes_atomic
@@ -107,7 +108,7 @@ def run_prep(spec: PrepSpec, ray_address: str | None = None) -> dict:
         )
     processed = _process_shards(plan, todo, workers, started)
     manifest = _manifest(plan, processed, time.monotonic() - started)
-    write_bytes_atomic(plan.output_dir.child("manifest.json"), json.dumps(manifest, indent=1).encode())
+    write_bytes_atomic(plan.output_dir.child(MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.data.dedup import load_duplicate_keys
 from pipeline.data.drops import Drop
 from pipeline.data.images import ImageTransform, ProcessedImage
-from pipeline.data.output_format import fixed_list, output_schema
+from pipeline.data.prepared import fixed_list, output_schema
 from pipeline.data.screen import ScreenedSample, ShardReadInfo, screen_shard
 from pipeline.data.shards import ShardTask
 from pipeline.data.tokenize import CaptionTokenizer

@@ -6,26 +6,30 @@ training data; the images are only resized (no augmentation) when they become mo
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
+from pipeline.data.batches import InputBuilder
+from pipeline.data.prepared import (
+    CAPTION,
+    IMAGE,
+    KEY,
+    MANIFEST,
+    TOKEN_COLUMNS,
+    read_rows,
+    read_schema,
+    shards_from_manifest,
+    text_kind,
+    token_matrix,
+)
 from pipeline.errors import UsageError
 from pipeline.io.storage import Location, exists, expand_inputs, read_bytes
 from pipeline.model.vision import ImagePreprocessing
+from pipeline.spec.losses import Objective
 from pipeline.spec.storage import StorageSpec
-from pipeline.train.augment import TrainTransform, normalization_table, to_normalized_chw
-
-MANIFEST = "manifest.json"
-TEXT_COLUMNS = {
-    "qformer": ("qformer_input_ids", "qformer_attention_mask"),
-    "llm": ("llm_input_ids", "llm_attention_mask"),
-}
 
 
 class EvalError(UsageError, RuntimeError):
@@ -60,8 +64,6 @@ def resolve_data(data: list[str], split: str | None = None, storage: StorageSpec
     Raises:
         EvalError: a folder without a manifest, a pattern matching nothing, or no shard at all.
     """
-    from pipeline.train.loader import shards_from_manifest
-
     shards: list[Location] = []
     manifest = None
     for entry in data:
@@ -87,44 +89,23 @@ def resolve_data(data: list[str], split: str | None = None, storage: StorageSpec
     return HeldOutData(tuple(shards), manifest, source)
 
 
-def check_tokens(data: HeldOutData, model_stage: int, max_text_length: int) -> None:
+def check_tokens(data: HeldOutData, objective: Objective, max_text_length: int) -> None:
     """Refuse held-out data whose token columns the model cannot use.
 
     Raises:
         EvalError: a missing token column or a Q-Former token length other than the model's.
     """
-    text = "qformer" if model_stage == 1 else "llm"
+    text = text_kind(objective)
     schema = read_schema(data.shards[0])
-    missing = [c for c in ("key", "caption", "image", *TEXT_COLUMNS[text]) if c not in schema.names]
+    missing = [c for c in (KEY, CAPTION, IMAGE, *TOKEN_COLUMNS[text]) if c not in schema.names]
     if missing:
         raise EvalError(f"data: {data.shards[0].url} has no column(s) {missing}; prepare the held-out "
                         f"set with the training data's tokenizers")
     if text == "qformer":
-        length = schema.field("qformer_input_ids").type.list_size
+        length = schema.field(TOKEN_COLUMNS["qformer"][0]).type.list_size
         if length != max_text_length:
             raise EvalError(f"data: Q-Former tokens of length {length}, but the model was trained "
                             f"with max_text_length {max_text_length}")
-
-
-def read_schema(shard: Location) -> pa.Schema:
-    fs, path = shard.filesystem()
-    with fs.open(path, "rb") as handle:
-        return pq.read_schema(handle)
-
-
-def read_rows(shards: tuple[Location, ...], columns: list[str], limit: int | None = None) -> pa.Table:
-    """The first ``limit`` rows (all when None) of the shards, in corpus order."""
-    tables, rows = [], 0
-    for shard in shards:
-        fs, path = shard.filesystem()
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=columns)
-        tables.append(table)
-        rows += table.num_rows
-        if limit is not None and rows >= limit:
-            break
-    table = pa.concat_tables(tables)
-    return table if limit is None else table.slice(0, limit)
 
 
 @dataclass(frozen=True)
@@ -146,8 +127,8 @@ class CaptionGallery:
     @classmethod
     def read(cls, shards: tuple[Location, ...]) -> "CaptionGallery":
         """The gallery of every row of ``shards``."""
-        table = read_rows(shards, ["caption", *TEXT_COLUMNS["qformer"]])
-        captions = table.column("caption").to_pylist()
+        table = read_rows(shards, [CAPTION, *TOKEN_COLUMNS["qformer"]])
+        captions = table.column(CAPTION).to_pylist()
         first: dict[str, int] = {}
         for row, caption in enumerate(captions):
             first.setdefault(caption, row)
@@ -155,8 +136,12 @@ class CaptionGallery:
         counts = np.zeros(len(first), np.int64)
         index = {caption: i for i, caption in enumerate(first)}
         np.add.at(counts, [index[c] for c in captions], 1)
-        ids, mask = (token_matrix(table.column(c)) for c in TEXT_COLUMNS["qformer"])
-        return cls(tuple(first), ids[rows].numpy(), mask[rows].numpy(), counts)
+        ids, mask = (token_matrix(table.column(c)) for c in TOKEN_COLUMNS["qformer"])
+        return cls(tuple(first), ids[rows], mask[rows], counts)
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {caption: i for i, caption in enumerate(self.captions)}
 
     def index_of(self, captions: list[str]) -> np.ndarray:
         """(N,) gallery index of each caption.
@@ -164,8 +149,7 @@ class CaptionGallery:
         Raises:
             KeyError: a caption is not in the gallery.
         """
-        index = {caption: i for i, caption in enumerate(self.captions)}
-        return np.array([index[c] for c in captions], np.int64)
+        return np.array([self._index[c] for c in captions], np.int64)
 
     def to_json(self) -> dict:
         """The gallery as plain lists (it travels to Ray Data actors as a constructor argument)."""
@@ -178,37 +162,8 @@ class CaptionGallery:
                    np.asarray(data["attention_mask"], np.int64), np.asarray(data["counts"], np.int64))
 
 
-def token_matrix(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
-    """A fixed-size list column -> (N, L) int64 tensor."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    values = array.flatten().to_numpy(zero_copy_only=False)  # (N * L,)
-    return torch.from_numpy(values.astype(np.int64).reshape(-1, array.type.list_size))
-
-
-class InputBuilder:
-    """Held-out rows -> model inputs: images resized (no augmentation) and normalised, tokens.
-
-    Args:
-        preprocessing: The vision tower's image size and normalisation.
-        text: Token columns to use: ``qformer`` (stage 1) or ``llm`` (stage 2).
-    """
-
-    def __init__(self, preprocessing: ImagePreprocessing, text: Literal["qformer", "llm"]):
-        self.size = preprocessing.image_size
-        self.transform = TrainTransform(preprocessing.image_size, augment=False)
-        self.table = normalization_table(preprocessing.mean, preprocessing.std)
-        self.text = text
-
-    def __call__(self, rows: pa.Table) -> dict[str, torch.Tensor]:
-        """``pixel_values`` (B, 3, S, S) and ``input_ids``/``attention_mask`` or
-        ``llm_input_ids``/``llm_attention_mask`` (B, L)."""
-        pixels = np.empty((rows.num_rows, 3, self.size, self.size), np.float32)  # (B, 3, S, S)
-        for j, data in enumerate(rows.column("image").to_pylist()):
-            to_normalized_chw(self.transform(data, None), self.table, pixels[j])
-        ids, mask = TEXT_COLUMNS[self.text]
-        names = ("input_ids", "attention_mask") if self.text == "qformer" else (ids, mask)
-        return {
-            "pixel_values": torch.from_numpy(pixels),
-            names[0]: token_matrix(rows.column(ids)),
-            names[1]: token_matrix(rows.column(mask)),
-        }
+def input_builder(preprocessing: ImagePreprocessing, objective: Objective) -> InputBuilder:
+    """Held-out rows -> model inputs of ``objective``: images resized (no augmentation) and
+    normalised for the vision tower, tokens."""
+    return InputBuilder.resize_only(preprocessing.image_size, preprocessing.mean, preprocessing.std,
+                                    text_kind(objective))

@@ -27,31 +27,6 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def image_text_scores(image_feats: np.ndarray, text_feats: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """ITC scores as BLIP-2 defines them: the best query's cosine similarity.
-
-    Args:
-        image_feats: (N, Q, E) L2-normalised query features of N images.
-        text_feats: (M, E) L2-normalised text features of M captions.
-        chunk: Images scored at once (bounds the (chunk, Q, M) temporary).
-
-    Returns:
-        (N, M) float32 scores.
-    """
-    scores = np.empty((image_feats.shape[0], text_feats.shape[0]), np.float32)  # (N, M)
-    for start in range(0, image_feats.shape[0], chunk):
-        block = image_feats[start : start + chunk] @ text_feats.T  # (n, Q, M)
-        scores[start : start + chunk] = block.max(axis=1)
-    return scores
-
-
-def relevance(query_captions: Sequence[str], gallery_captions: Sequence[str]) -> np.ndarray:
-    """(Q, G) bool: ``True`` where the gallery item's caption equals the query's caption."""
-    queries = np.asarray(query_captions, dtype=object)[:, None]  # (Q, 1)
-    gallery = np.asarray(gallery_captions, dtype=object)[None, :]  # (1, G)
-    return queries == gallery
-
-
 def ranking(scores: np.ndarray) -> np.ndarray:
     """(Q, G) scores -> (Q, G) gallery indices, best first, ties in gallery order."""
     return np.argsort(-scores, axis=1, kind="stable")
@@ -109,13 +84,6 @@ def rerank(itc_scores: np.ndarray, candidates: np.ndarray, match_scores: np.ndar
     rows = np.arange(itc_scores.shape[0])[:, None]  # (Q, 1)
     reranked[rows, candidates] = match_scores + itc_scores[rows, candidates]
     return reranked
-
-
-def hardest_negatives(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """(Q,) the best-scored irrelevant gallery item of each query; -1 where every item is relevant."""
-    masked = np.where(relevant, -np.inf, scores)  # (Q, G)
-    best = ranking(masked)[:, 0]  # (Q,)
-    return np.where(np.isfinite(masked[np.arange(len(best)), best]), best, -1)
 
 
 def matching_accuracy(positive_logits: np.ndarray, negative_logits: np.ndarray) -> dict[str, float]:

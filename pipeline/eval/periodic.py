@@ -2,7 +2,9 @@
 of the held-out samples (no Ray Data inside a training worker), the outputs are gathered on rank
 0, and the same metrics as ``qformer eval`` become an ``eval_*`` record of the stage's metrics.
 
-All ranks must call :meth:`PeriodicEval.run` at the same steps (it gathers across ranks).
+The training loop hands over a plain module (under ZeRO-3 it gathers the weights into one first)
+and logs the record; all ranks must call :meth:`PeriodicEval.run` at the same steps (it gathers
+across ranks).
 """
 
 from __future__ import annotations
@@ -12,20 +14,15 @@ import time
 import numpy as np
 import torch
 
-from pipeline.eval.heldout import (
-    TEXT_COLUMNS,
-    CaptionGallery,
-    InputBuilder,
-    check_tokens,
-    read_rows,
-    resolve_data,
-)
+from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
+from pipeline.eval.heldout import CaptionGallery, EvalError, check_tokens, input_builder, resolve_data
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
 from pipeline.eval.summary import stage1_metrics, stage2_metrics
+from pipeline.io.storage import Location
+from pipeline.model import build_llm_tokenizer, image_preprocessing
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
-from pipeline.train.metrics import console
 
 PREFIX = "eval_"
 SHOWN = ("caption_accuracy", "t2i_r1", "itm_accuracy", "exact_match", "token_f1", "caption_loss")
@@ -37,7 +34,6 @@ class PeriodicEval:
     Args:
         job: The training job.
         stage: The stage, whose ``eval`` section is set.
-        model_spec: The stage's model spec (for image preprocessing and the LLM tokenizer).
         rank: This worker's rank.
         world: Number of workers.
 
@@ -45,19 +41,17 @@ class PeriodicEval:
         ValueError: the held-out data is missing or unusable, or holds fewer samples than workers.
     """
 
-    def __init__(self, job: JobSpec, stage: StageSpec, model_spec, *, rank: int, world: int):
-        from pipeline.eval.heldout import EvalError
-        from pipeline.model import build_llm_tokenizer, image_preprocessing
-
+    def __init__(self, job: JobSpec, stage: StageSpec, *, rank: int, world: int):
         self.spec, self.stage, self.rank, self.world = stage.eval, stage, rank, world
-        self.model_stage = stage.model_stage
-        text = "qformer" if self.model_stage == 1 else "llm"
+        self.objective = stage.objective
+        model_spec = job.model
         try:
             data = resolve_data([self.spec.data], None, job.data.storage)
-            check_tokens(data, self.model_stage, model_spec.qformer.max_text_length)
+            check_tokens(data, self.objective, model_spec.qformer.max_text_length)
         except EvalError as err:
             raise ValueError(f"stages.{stage.name}.eval: {err}") from None
-        rows = read_rows(data.shards, ["key", "caption", "image", *TEXT_COLUMNS[text]], self.spec.max_samples)
+        columns = [KEY, CAPTION, IMAGE, *TOKEN_COLUMNS[text_kind(self.objective)]]
+        rows = read_rows(data.shards, columns, self.spec.max_samples)
         share = rows.num_rows // world
         if share == 0:
             raise ValueError(f"stages.{stage.name}.eval: {rows.num_rows} held-out samples cannot be "
@@ -65,33 +59,18 @@ class PeriodicEval:
         # Equal shares: every rank runs the same number of batches.
         self.rows = rows.take(np.arange(rank, share * world, world))
         self.samples = share * world
-        self.gallery = CaptionGallery.read(data.shards) if self.model_stage == 1 else None
-        self.builder = InputBuilder(image_preprocessing(model_spec.vision), text)
-        self.tokenizer = build_llm_tokenizer(model_spec.llm) if self.model_stage == 2 else None
-        self.model_spec = model_spec
-        self._copy = None
+        self.gallery = CaptionGallery.read(data.shards) if self.objective == 1 else None
+        self.builder = input_builder(image_preprocessing(model_spec.vision), self.objective)
+        self.tokenizer = build_llm_tokenizer(model_spec.llm) if self.objective == 2 else None
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (1-based, completed steps) is an evaluation step."""
         return step % self.spec.every == 0 or step == self.stage.steps
 
-    def after_step(self, engine, zero_stage: int, step: int, metrics_log) -> None:
-        """The training loop's hook: evaluate when due; rank 0 logs and prints the record."""
-        if not self.due(step):
-            return
-        record = self.run(engine, zero_stage, step)
-        if record is not None:
-            metrics_log.append(record)
-            console(progress_line(self.stage, record))
-
-    def run(self, engine, zero_stage: int, step: int) -> dict | None:
-        """Evaluate the engine's model; rank 0 gets the ``eval_*`` record, other ranks None.
-
-        Under ZeRO-3 the parameters are partitioned, so the consolidated trainable weights are
-        loaded into a plain copy of the model (built at the first evaluation) instead.
-        """
+    def run(self, model: torch.nn.Module, step: int) -> dict | None:
+        """Evaluate ``model`` (a plain module holding the trained weights); rank 0 gets the
+        ``eval_*`` record of ``step``, other ranks None. The model's train/eval modes are kept."""
         started = time.monotonic()
-        model = engine.module if zero_stage < 3 else self._plain_copy(engine)
         modes = {module: module.training for module in model.modules()}
         model.eval()
         try:
@@ -103,7 +82,7 @@ class PeriodicEval:
         if self.rank != 0:
             return None
         merged = {name: np.concatenate([part[name] for part in gathered]) for name in gathered[0]}
-        if self.model_stage == 1:
+        if self.objective == 1:
             metrics = stage1_metrics(merged, self.gallery)
         else:
             metrics = stage2_metrics(merged, list(merged["caption"]))
@@ -117,7 +96,7 @@ class PeriodicEval:
     @torch.no_grad()
     def _score(self, model) -> dict[str, np.ndarray]:
         size = self.spec.batch_size
-        if self.model_stage == 1:
+        if self.objective == 1:
             scorer = Stage1Scorer(model, self.gallery, self.spec.itm_top_k)
         else:
             decoding = DecodingSpec(max_new_tokens=self.spec.max_new_tokens)
@@ -127,29 +106,17 @@ class PeriodicEval:
         for start in range(0, self.rows.num_rows, size):
             rows = self.rows.slice(start, size)
             inputs = {k: v.to(device) for k, v in self.builder(rows).items()}
-            captions = rows.column("caption").to_pylist()
-            out = scorer(inputs, captions) if self.model_stage == 1 else scorer(inputs)
+            captions = rows.column(CAPTION).to_pylist()
+            out = scorer(inputs, captions) if self.objective == 1 else scorer(inputs)
             parts.append({"caption": np.array(captions, dtype=object), **out})
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-    def _plain_copy(self, engine):
-        from pipeline.model import Blip2Pretrainer
-        from pipeline.train.portable_state import full_weights
-
-        weights = full_weights(engine, 3)  # collective: every rank gathers
-        if self._copy is None:
-            self._copy = Blip2Pretrainer(self.model_spec, stage=self.model_stage)
-        self._copy.load_trainable_state_dict(weights)
-        return self._copy
 
 
 def stage_evaluator(job: JobSpec, stage: StageSpec, *, rank: int, world: int) -> PeriodicEval | None:
     """The stage's periodic evaluation, or None when its spec has no ``eval`` section."""
     if stage.eval is None:
         return None
-    from pipeline.train.worker import model_spec_for
-
-    return PeriodicEval(job, stage, model_spec_for(job, stage), rank=rank, world=world)
+    return PeriodicEval(job, stage, rank=rank, world=world)
 
 
 def resolve_stage_evals(job: JobSpec) -> JobSpec:
@@ -159,15 +126,12 @@ def resolve_stage_evals(job: JobSpec) -> JobSpec:
     Raises:
         ValueError: missing held-out data, or tokens the model cannot use.
     """
-    from pipeline.eval.heldout import EvalError
-    from pipeline.io.storage import Location
-
     stages = []
     for stage in job.stages:
         if stage.eval is not None:
             try:
                 data = resolve_data([stage.eval.data], None, job.data.storage)
-                check_tokens(data, stage.model_stage, job.model.qformer.max_text_length)
+                check_tokens(data, stage.objective, job.model.qformer.max_text_length)
             except EvalError as err:
                 raise ValueError(f"stages.{stage.name}.eval: {err}") from None
             absolute = Location.of(stage.eval.data, job.data.storage).url

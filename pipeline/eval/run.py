@@ -14,15 +14,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.eval.checkpoints import build_model, load_checkpoint, resolve_checkpoint
+from pipeline.checkpoint.lookup import TrainedCheckpoint, find_checkpoint, read_checkpoint
+from pipeline.checkpoint.rebuild import load_trained_model
+from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
 from pipeline.eval.heldout import (
-    TEXT_COLUMNS,
     CaptionGallery,
     EvalError,
     HeldOutData,
-    InputBuilder,
     check_tokens,
-    read_rows,
+    input_builder,
     resolve_data,
 )
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
@@ -31,7 +31,6 @@ from pipeline.eval.summary import DEFINITIONS, examples, stage1_metrics, stage2_
 from pipeline.io.storage import Location, write_bytes_atomic
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec.storage import StorageSpec
-from pipeline.train.trained import TrainedCheckpoint
 
 log = logging.getLogger("qformer.eval")
 HEADLINE = ("caption_accuracy", "i2t_r1", "t2i_r1", "i2t_itm_r1", "itm_accuracy", "exact_match",
@@ -90,23 +89,23 @@ class ScoringActor:
         from pipeline.model import build_llm_tokenizer, image_preprocessing
 
         torch.set_grad_enabled(False)
-        source = load_checkpoint(Location(*checkpoint))
-        model = build_model(source)
-        spec = source.model_spec()
-        self.builder = InputBuilder(image_preprocessing(spec.vision), "qformer" if model.stage == 1 else "llm")
-        if model.stage == 1:
+        source = read_checkpoint(Location(*checkpoint))
+        model = load_trained_model(source)
+        spec = source.model_spec
+        self.builder = input_builder(image_preprocessing(spec.vision), model.objective)
+        if model.objective == 1:
             self.scorer = Stage1Scorer(model, CaptionGallery.from_json(gallery), scoring.itm_top_k)
         else:
             self.scorer = Stage2Scorer(model, build_llm_tokenizer(spec.llm), scoring)
 
     def __call__(self, rows) -> dict[str, np.ndarray]:
-        captions = rows.column("caption").to_pylist()
+        captions = rows.column(CAPTION).to_pylist()
         inputs = self.builder(rows)
         if isinstance(self.scorer, Stage1Scorer):
             out = self.scorer(inputs, captions)
         else:
             out = self.scorer(inputs)
-        return {"key": np.array(rows.column("key").to_pylist(), dtype=object),
+        return {"key": np.array(rows.column(KEY).to_pylist(), dtype=object),
                 "caption": np.array(captions, dtype=object), **out}
 
 
@@ -117,22 +116,23 @@ def run_eval(request: EvalRequest) -> dict:
         EvalError: missing checkpoint or data, or data the model cannot read.
     """
     started = time.monotonic()
-    checkpoint = resolve_checkpoint(request.checkpoint, request.storage)
+    checkpoint = find_checkpoint(Location.of(request.checkpoint, request.storage))
     data = resolve_data(request.data, request.split, request.storage or checkpoint.job.data.storage)
-    model_stage = checkpoint.model_stage
-    check_tokens(data, model_stage, checkpoint.job.model.qformer.max_text_length)
-    gallery = CaptionGallery.read(data.shards) if model_stage == 1 else None
+    objective = checkpoint.objective
+    check_tokens(data, objective, checkpoint.job.model.qformer.max_text_length)
+    gallery = CaptionGallery.read(data.shards) if objective == 1 else None
     log.info("eval: %s (stage %s, step %d) on %s: %d shard(s)%s", checkpoint.location.url,
              checkpoint.stage.name, checkpoint.step, data.source, len(data.shards),
              f", {len(gallery.captions)} distinct captions" if gallery else "")
     outputs = _score(request, checkpoint, data, gallery)
     captions = list(outputs["caption"])
-    metrics = stage1_metrics(outputs, gallery) if model_stage == 1 else stage2_metrics(outputs, captions)
+    metrics = stage1_metrics(outputs, gallery) if objective == 1 else stage2_metrics(outputs, captions)
 
     out = Location.of(request.out, request.storage) if request.out else checkpoint.location.child("eval")
-    sample_rows = read_rows(data.shards, ["key", "image"], request.examples)  # evaluated first
-    shown = examples(outputs, sample_rows.column("key").to_pylist(), gallery)[: request.examples]
-    images = dict(zip(sample_rows.column("key").to_pylist(), sample_rows.column("image").to_pylist()))
+    sample_rows = read_rows(data.shards, [KEY, IMAGE], request.examples)  # evaluated first
+    keys = sample_rows.column(KEY).to_pylist()
+    shown = examples(outputs, keys, gallery)[: request.examples]
+    images = dict(zip(keys, sample_rows.column(IMAGE).to_pylist()))
     headline = " | ".join(f"{name} {metrics[name]:.3f}" for name in HEADLINE if name in metrics)
     sheet = write_sheet(
         shown, images, out,
@@ -143,7 +143,7 @@ def run_eval(request: EvalRequest) -> dict:
     report = {
         "checkpoint": checkpoint.location.url,
         "stage": checkpoint.stage.name,
-        "model_stage": model_stage,
+        "objective": objective,
         "step": checkpoint.step,
         "data": data.source,
         "shards": [s.url for s in data.shards],
@@ -176,8 +176,8 @@ def _score(request: EvalRequest, checkpoint: TrainedCheckpoint, data: HeldOutDat
     from pipeline.ray_runtime import cluster_cpus, ensure_ray
 
     ensure_ray(request.ray_address)
-    text = "qformer" if checkpoint.model_stage == 1 else "llm"
-    rows = read_rows(data.shards, ["key", "caption", "image", *TEXT_COLUMNS[text]], request.max_samples)
+    text = text_kind(checkpoint.objective)
+    rows = read_rows(data.shards, [KEY, CAPTION, IMAGE, *TOKEN_COLUMNS[text]], request.max_samples)
     total, size = rows.num_rows, request.batch_size
     if total == 0:
         raise EvalError(f"data: {data.source} holds no sample")
@@ -224,6 +224,6 @@ def spec_summary(checkpoint: TrainedCheckpoint) -> dict:
                   "batch_size": stage.batch_size, "lr": stage.optimizer.lr},
         "workers": checkpoint.job.scaling.workers,
     }
-    if checkpoint.model_stage == 2:
+    if checkpoint.objective == 2:
         summary["llm"] = model.llm.name
     return summary

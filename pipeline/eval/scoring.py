@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pipeline.eval.heldout import CaptionGallery
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.generate import DecodingSpec, generate_captions
-from pipeline.model.losses import IGNORE_INDEX, language_model_labels
+from pipeline.model.losses import IGNORE_INDEX, image_text_similarity, language_model_labels
 
 _GALLERY_CHUNK = 256
 
@@ -51,7 +51,6 @@ class Stage1Scorer:
         self.model, self.gallery, self.itm_top_k = model, gallery, itm_top_k
         self.gallery_ids = torch.as_tensor(gallery.input_ids)  # (C, T)
         self.gallery_mask = torch.as_tensor(gallery.attention_mask)  # (C, T)
-        self.gallery_index = {caption: i for i, caption in enumerate(gallery.captions)}
         with torch.no_grad():
             self.gallery_feats = torch.cat([
                 model.text_features(self.gallery_ids[i : i + _GALLERY_CHUNK],
@@ -73,10 +72,10 @@ class Stage1Scorer:
             ``negative_index`` (B,) and ``negative_logits`` (B, 2).
         """
         model = self.model
-        reference = torch.tensor([self.gallery_index[c] for c in captions])  # (B,)
+        reference = torch.from_numpy(self.gallery.index_of(captions))  # (B,)
         image_embeds = model.encode_image(inputs["pixel_values"])  # (B, P, D)
         image_feats = model.image_features(model.query_image(image_embeds)).float()  # (B, Q, E)
-        itc = torch.einsum("bqe,ce->bqc", image_feats, self.gallery_feats).amax(dim=1)  # (B, C)
+        itc = image_text_similarity(image_feats, self.gallery_feats)  # (B, C)
         out = {"gallery_index": reference.numpy(), "itc": itc.numpy()}
         if self.itm_top_k == 0:
             return out

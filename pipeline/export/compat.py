@@ -62,7 +62,7 @@ def transformers_blockers(model: Blip2Pretrainer, tokenizer: PreTrainedTokenizer
                 f"are for {config.image_size} px; transformers' Blip2 classes do not interpolate "
                 "them by default (Blip2ForImageTextRetrieval cannot at all)"
             )
-    if model.stage == 2:
+    if model.objective == 2:
         llm_config = model.language_model.config
         if llm_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             reasons.append(f"the LLM ({llm_config.model_type}) is not a transformers causal LM type")

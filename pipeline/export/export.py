@@ -17,16 +17,17 @@ from typing import Literal
 
 import torch
 
+from pipeline.checkpoint.format import read_trainable
+from pipeline.checkpoint.lookup import TrainedCheckpoint
+from pipeline.checkpoint.rebuild import rebuild_model
 from pipeline.export.compat import transformers_blockers
 from pipeline.export.own_format import write_own_folder
-from pipeline.export.rebuild import rebuild_model
 from pipeline.export.record import EXPORT_RECORD, OWN_FORMAT
-from pipeline.export.source import ExportError, load_trainable, resolve_checkpoint
+from pipeline.export.source import ExportError, resolve_checkpoint
 from pipeline.export.transformers_format import write_transformers_folder
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.llm import build_llm_tokenizer
 from pipeline.model.qformer import build_qformer_tokenizer
-from pipeline.train.trained import TrainedCheckpoint
 
 ExportFormat = Literal["auto", "transformers", "own"]
 
@@ -74,16 +75,17 @@ def export_checkpoint(
         What was written.
 
     Raises:
-        ExportError: Missing or invalid checkpoint, unusable ``out_dir``, or a transformers export
-            asked for a model it cannot represent.
+        CheckpointError: Missing or invalid checkpoint.
+        ExportError: Unusable ``out_dir``, or a transformers export asked for a model it cannot
+            represent.
     """
     source = resolve_checkpoint(checkpoint, stage=stage, storage_options=storage_options)
     out = _check_out_dir(Path(out_dir), overwrite)
     log.info(
         "export: %s (stage %s, model stage %d, step %d)",
-        source.location.url, source.stage.name, source.model_stage, source.step,
+        source.location.url, source.stage.name, source.objective, source.step,
     )
-    weights, weights_file = load_trainable(source)  # parsed: an unreadable file is refused
+    weights, weights_file = read_trainable(source.location)  # parsed: an unreadable file is refused
     if export_format == "own":
         return _write(out, lambda folder: write_own_folder(source, weights_file, folder, blockers=[]), [])
 
@@ -134,14 +136,14 @@ def _build_model(source: TrainedCheckpoint, weights: dict[str, torch.Tensor]) ->
     """Our model with the frozen towers of the spec and the checkpoint's trained weights."""
     spec = source.job.model
     log.info("export: loading the frozen towers (vision %s%s)", spec.vision.name,
-             f", LLM {spec.llm.name}" if source.model_stage == 2 else "")
-    return rebuild_model(spec, source.model_stage, weights, source.location.url)
+             f", LLM {spec.llm.name}" if source.objective == 2 else "")
+    return rebuild_model(spec, source.objective, weights, source.location.url)
 
 
 def _processor_tokenizer(source: TrainedCheckpoint):
     """The tokenizer the exported processor uses: the Q-Former's (stage 1) or the LLM's (stage 2)."""
     spec = source.job.model
-    if source.model_stage == 1:
+    if source.objective == 1:
         tokenizer = build_qformer_tokenizer(spec.qformer)
         tokenizer.model_max_length = spec.qformer.max_text_length  # truncate as training did
     else:

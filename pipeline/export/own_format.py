@@ -18,13 +18,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from pipeline.export.rebuild import rebuild_model
+from pipeline.checkpoint.format import TRAINABLE
+from pipeline.checkpoint.lookup import TrainedCheckpoint
+from pipeline.checkpoint.rebuild import rebuild_model
 from pipeline.export.record import FORMAT_VERSION, OWN_FORMAT, export_record, read_record, write_record
 from pipeline.export.source import ExportError
 from pipeline.model.blip2 import Blip2Pretrainer
-from pipeline.model.config import ModelSpec
-from pipeline.train.checkpoint import TRAINABLE
-from pipeline.train.trained import TrainedCheckpoint
+from pipeline.spec.model import ModelSpec
 
 
 def write_own_folder(

@@ -8,10 +8,10 @@ what transformers' classes leave out.
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-from pipeline.train.trained import TrainedCheckpoint
+from pipeline.checkpoint.lookup import TrainedCheckpoint
+from pipeline.versions import library_versions
 
 EXPORT_RECORD = "qformer_export.json"
 FORMAT_VERSION = 1
@@ -19,33 +19,19 @@ TRANSFORMERS_FORMAT = "transformers"
 OWN_FORMAT = "qformer"
 
 
-def export_versions() -> dict[str, str]:
-    """Library versions of the exporting process."""
-    import safetensors
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
 def export_record(source: TrainedCheckpoint, export_format: str, **details) -> dict:
     """The record of an export of ``source`` in ``export_format``, plus format-specific details."""
     return {
         "format": export_format,
         "format_version": FORMAT_VERSION,
-        "stage": source.model_stage,
+        "stage": source.objective,
         "stage_name": source.stage.name,
         "step": source.step,
         "checkpoint": source.location.url,
         "model": source.job.model.model_dump(mode="json"),
         **details,
         "trained_with": source.metadata.get("versions", {}),
-        "exported_with": export_versions(),
+        "exported_with": library_versions(),
     }
 
 

@@ -30,7 +30,7 @@ from pipeline.export.record import TRANSFORMERS_FORMAT, export_record, write_rec
 from pipeline.export.source import ExportError
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.vision import image_preprocessing
-from pipeline.train.trained import TrainedCheckpoint
+from pipeline.checkpoint.lookup import TrainedCheckpoint
 
 TRANSFORMERS_CLASSES: dict[int, type[PreTrainedModel]] = {
     1: Blip2ForImageTextRetrieval,
@@ -72,7 +72,7 @@ def blip2_config(model: Blip2Pretrainer, image_token_index: int) -> Blip2Config:
         "vision_config": model.vision_model.config.to_dict(),
         "qformer_config": model.qformer.config.to_dict(),
     }
-    if model.stage == 2:
+    if model.objective == 2:
         sub_configs["text_config"] = model.language_model.config.to_dict()
     for sub_config in sub_configs.values():
         sub_config["dtype"] = "float32"
@@ -92,7 +92,7 @@ def build_transformers_model(model: Blip2Pretrainer, config: Blip2Config) -> Pre
     Raises:
         ExportError: The names or shapes do not map one to one (a bug, never a partial export).
     """
-    cls = TRANSFORMERS_CLASSES[model.stage]
+    cls = TRANSFORMERS_CLASSES[model.objective]
     with torch.device("meta"):  # no random init of towers that are overwritten anyway
         exported = cls(config)
     state = blip2_state_dict(model)
@@ -104,7 +104,7 @@ def build_transformers_model(model: Blip2Pretrainer, config: Blip2Config) -> Pre
         raise ExportError(
             f"weights do not map onto {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if model.stage == 2:
+    if model.objective == 2:
         exported.generation_config = copy.deepcopy(model.language_model.generation_config)
     return exported.eval()
 
@@ -163,9 +163,9 @@ def write_transformers_folder(
         # then agree to 16-bit precision rather than exactly (see the README).
         "stored_dtype": "float32",
         "frozen_tower_dtypes": {"vision": model.spec.vision.dtype,
-                                **({"llm": model.spec.llm.dtype} if model.stage == 2 else {})},
+                                **({"llm": model.spec.llm.dtype} if model.objective == 2 else {})},
     }
-    if model.stage == 1:
+    if model.objective == 1:
         details["temperature"] = float(model.temp.detach().clamp(
             model.spec.losses.min_temperature, model.spec.losses.max_temperature))
     record = export_record(source, TRANSFORMERS_FORMAT, **details)
@@ -208,7 +208,7 @@ def _readme(model: Blip2Pretrainer, record: dict) -> str:
         "the centre square and normalises with the vision tower's mean and std, as the training "
         "data pipeline did.\n\n"
     )
-    if model.stage == 1:
+    if model.objective == 1:
         usage = (
             "```python\n"
             "from transformers import Blip2ForImageTextRetrieval, Blip2Processor\n\n"
