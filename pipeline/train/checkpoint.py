@@ -19,37 +19,16 @@ checkpoint being written when the run died is never the one resumed from.
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
-from pipeline.io.storage import Location, read_bytes
-from pipeline.train.portable_state import OPTIMIZER, full_optimizer_state, full_weights, load_portable_state
-
-DS_TAG = "ds"
-TRAINABLE = "trainable.safetensors"
-METADATA = "metadata.json"
-METRICS = "metrics.jsonl"
-
-
-def library_versions() -> dict[str, str]:
-    import deepspeed
-    import ray
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-    }
+from pipeline.checkpoint.format import DS_TAG, METADATA, METRICS, OPTIMIZER, TRAINABLE
+from pipeline.train.portable_state import full_optimizer_state, full_weights, load_portable_state
+from pipeline.versions import library_versions
 
 
 def save_and_report(engine, *, rank: int, zero_stage: int, metadata: dict, metrics: dict,
@@ -65,7 +44,7 @@ def save_and_report(engine, *, rank: int, zero_stage: int, metadata: dict, metri
             save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(folder) / TRAINABLE))
             if optimizer is not None:
                 (Path(folder) / OPTIMIZER).write_bytes(optimizer)
-            record = {**metadata, "saved_at": time.time(), "versions": library_versions()}
+            record = {**metadata, "saved_at": time.time(), "versions": library_versions("deepspeed", "ray")}
             (Path(folder) / METADATA).write_text(json.dumps(record, indent=1))
             (Path(folder) / METRICS).write_text("".join(json.dumps(r) + "\n" for r in metrics_records))
         ray.train.report(
@@ -123,8 +102,3 @@ def restore(engine, folder: str | Path, metadata: dict, *, portable: bool,
         )
     metrics_path = folder / METRICS
     return [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-
-
-def load_trainable_weights(folder: Location) -> dict[str, torch.Tensor]:
-    """The consolidated trainable weights of a checkpoint folder (local or ``s3://``)."""
-    return load_safetensors(read_bytes(folder.child(TRAINABLE)))

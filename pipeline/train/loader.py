@@ -24,14 +24,13 @@ that decodes and augments them (Pillow releases the GIL); at most ``prefetch_bat
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -39,20 +38,23 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import QformerError
-from pipeline.io.storage import Location, read_bytes
-from pipeline.train.augment import TrainTransform, normalization_table, sample_rng, to_normalized_chw
+from pipeline.data.augment import TrainTransform
+from pipeline.data.batches import ImageDecodeError, InputBuilder
+from pipeline.data.prepared import KEY, MODEL_INPUTS, TOKEN_COLUMNS, TextKind
+from pipeline.io.storage import Location
 
 log = logging.getLogger("qformer.train")
 
-# Model input name of each token column, per text stage.
-_TEXT_COLUMNS = {
-    "qformer": {"qformer_input_ids": "input_ids", "qformer_attention_mask": "attention_mask"},
-    "llm": {"llm_input_ids": "llm_input_ids", "llm_attention_mask": "llm_attention_mask"},
-}
 _SHARD_COLUMN = "__shard"
 # Domain tags keep the permutation, window-shuffle and augmentation streams independent.
-_PERMUTE, _SHUFFLE = 0, 1
+_PERMUTE, _SHUFFLE, _AUGMENT = 0, 1, 2
 _POLL_S = 0.1
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The augmentation generator of the sample at ``position`` of ``epoch``'s stream: a function
+    of the position alone, so a resumed stream augments as an uninterrupted one."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _AUGMENT, epoch, position]))
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class LoaderConfig:
     """Per-channel normalisation mean, for pixels in [0, 1]."""
     std: tuple[float, float, float]
     """Per-channel normalisation standard deviation."""
-    text: Literal["qformer", "llm"]
-    """Token columns to read: ``qformer`` (stage 1) or ``llm`` (stage 2); only those are read."""
+    text: TextKind
+    """Token columns to read: ``qformer`` (objective 1) or ``llm`` (objective 2); only those are read."""
     augment: bool = True
     """Random resized crop and flip; when off, images are only resized to ``image_size``."""
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -96,8 +98,8 @@ class LoaderConfig:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             problems.append(f"mean/std: need 3 values each and std > 0, got {self.mean} / {self.std}")
-        if self.text not in _TEXT_COLUMNS:
-            problems.append(f"text: must be one of {sorted(_TEXT_COLUMNS)}, got {self.text!r}")
+        if self.text not in TOKEN_COLUMNS:
+            problems.append(f"text: must be one of {sorted(TOKEN_COLUMNS)}, got {self.text!r}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             problems.append(f"crop_scale: need 0 < low <= high <= 1, got {self.crop_scale}")
@@ -109,7 +111,12 @@ class LoaderConfig:
     @property
     def columns(self) -> tuple[str, ...]:
         """The Parquet columns a stream reads."""
-        return ("key", "image", *_TEXT_COLUMNS[self.text])
+        return (KEY, *self.input_builder().columns)
+
+    def input_builder(self) -> InputBuilder:
+        """Rows -> model inputs, augmenting as configured."""
+        transform = TrainTransform(self.image_size, self.augment, self.crop_scale, self.hflip)
+        return InputBuilder(transform, self.mean, self.std, self.text)
 
 
 class Batch(dict):
@@ -135,32 +142,13 @@ class DataError(QformerError, RuntimeError):
     """A prepared shard could not be read, or one of its rows not turned into model inputs."""
 
 
-def shards_from_manifest(manifest: Location) -> tuple[Location, ...]:
-    """The prepared shards listed in ``qformer prep``'s ``manifest.json``, in corpus order.
-
-    Args:
-        manifest: The manifest file; its storage options are used for the shards too.
-
-    Raises:
-        ValueError: the manifest lists no shard.
-    """
-    data = json.loads(read_bytes(manifest))
-    shards = tuple(Location(entry["output"], manifest.options) for entry in data.get("shards", []))
-    if not shards:
-        raise ValueError(f"{manifest.url}: the manifest lists no prepared shard")
-    if data.get("failed_shards"):
-        log.warning("%s: %d shard(s) failed in prep and are not trained on",
-                    manifest.url, len(data["failed_shards"]))
-    return shards
-
-
 def placeholder_batch(config: LoaderConfig) -> Batch:
     """A batch of the stream's shapes, all zeros (masks all ones), with no sample in it: fed with
     loss weight 0 where a worker has no data for a micro-step but must join its collectives."""
     _, types = _read_footer(config.shards[0], config.columns)
     size, batch = config.image_size, config.batch_size
     inputs = {"pixel_values": torch.zeros(batch, 3, size, size)}  # (B, 3, S, S)
-    for column, name in _TEXT_COLUMNS[config.text].items():
+    for column, name in zip(TOKEN_COLUMNS[config.text], MODEL_INPUTS[config.text]):
         length = types[column].list_size
         fill = torch.ones if column.endswith("attention_mask") else torch.zeros
         inputs[name] = fill(batch, length, dtype=torch.int64)  # (B, L)
@@ -273,8 +261,7 @@ class BatchStream:
             )
         self.wait_seconds = 0.0
         self._share = self.steps_per_epoch * config.batch_size
-        self._transform = TrainTransform(config.image_size, config.augment, config.crop_scale, config.hflip)
-        self._normalization = normalization_table(config.mean, config.std)
+        self._inputs = config.input_builder()
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
         self._stop = threading.Event()
         self._closed = False
@@ -289,6 +276,12 @@ class BatchStream:
     def samples_per_epoch(self) -> int:
         """Samples trained per epoch by all workers together; the other ones are dropped."""
         return self._share * self.world_size
+
+    @property
+    def ready(self) -> int:
+        """Batches decoded and waiting for the consumer (at most ``prefetch_batches``)."""
+        with self._queue.mutex:
+            return sum(1 for item in self._queue.queue if isinstance(item, Future) and item.done())
 
     def position(self, step: int) -> dict[str, int]:
         """Where global step ``step`` starts, for checkpoint metadata.
@@ -429,29 +422,15 @@ class BatchStream:
     def _assemble(self, rows: pa.Table, epoch: int, step: int) -> Batch:
         """Decode, augment and normalise one batch (runs in the decode pool)."""
         config = self.config
-        size = config.image_size
         # The sample's position in the epoch's stream seeds its augmentation.
         first = self.rank * self._share + (step - epoch * self.steps_per_epoch) * config.batch_size
-        keys = rows.column("key").to_pylist()
-        shards = rows.column(_SHARD_COLUMN).to_pylist()
-        pixels = np.empty((rows.num_rows, 3, size, size), np.float32)  # (B, 3, S, S)
-        for j, data in enumerate(rows.column("image").to_pylist()):
-            rng = sample_rng(config.seed, epoch, first + j) if config.augment else None
-            try:
-                to_normalized_chw(self._transform(data, rng), self._normalization, pixels[j])
-            except Exception as error:
-                raise DataError(
-                    f"{config.shards[shards[j]].url}: sample {keys[j]!r}: cannot decode its image: "
-                    f"{type(error).__name__}: {error}"
-                ) from error
-        inputs = {"pixel_values": torch.from_numpy(pixels)}  # (B, 3, S, S)
-        for column, name in _TEXT_COLUMNS[config.text].items():
-            inputs[name] = _token_matrix(rows.column(column))  # (B, L)
+        keys = rows.column(KEY).to_pylist()
+        rngs = [sample_rng(config.seed, epoch, first + j) for j in range(rows.num_rows)] if config.augment else None
+        try:
+            inputs = self._inputs(rows, rngs)
+        except ImageDecodeError as error:
+            shard = config.shards[rows.column(_SHARD_COLUMN)[error.row].as_py()]
+            raise DataError(f"{shard.url}: sample {keys[error.row]!r}: {error}") from error
         return Batch(inputs, step=step, epoch=epoch, sample_keys=tuple(keys))
 
 
-def _token_matrix(column: pa.ChunkedArray) -> torch.Tensor:
-    """A fixed-size list column -> (N, L) int64 tensor."""
-    array = column.combine_chunks()
-    values = array.flatten().to_numpy(zero_copy_only=False)  # (N * L,)
-    return torch.from_numpy(values.astype(np.int64).reshape(-1, array.type.list_size))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
+from dataclasses import dataclass
 
 from pipeline.io.storage import Location, atomic_write, exists, read_bytes
+from pipeline.spec.losses import LOSSES, TOTAL_LOSS
 
-LOSS_PREFIX = "loss"
+LOSS_FIELDS = (TOTAL_LOSS, *(loss.output_field for loss in LOSSES))
 # Held-out metrics of periodic evaluation (pipeline.eval.periodic), all fractions in [0, 1].
 EVAL_SERIES = ("eval_caption_accuracy", "eval_t2i_r1", "eval_i2t_itm_r1", "eval_itm_accuracy",
                "eval_exact_match", "eval_token_f1")
@@ -22,6 +25,67 @@ def console(line: str) -> None:
     """
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """How one optimizer step went: the learning rate it used, its wall time and the part of
+    it spent waiting for data."""
+
+    lr: float
+    step_time_s: float
+    data_wait_s: float
+
+
+class StepClock:
+    """Times a stage's steps (``start`` before, ``stop`` after) and estimates the time left."""
+
+    def __init__(self, start_step: int, total_steps: int):
+        self.start_step, self.total_steps = start_step, total_steps
+        self.started = time.monotonic()
+        self._step_started, self._lr, self._wait = 0.0, 0.0, 0.0
+
+    def start(self, *, lr: float, wait: float) -> None:
+        """A step begins; ``wait`` is the data wait of the stage so far (seconds)."""
+        self._step_started, self._lr, self._wait = time.monotonic(), lr, wait
+
+    def stop(self, *, wait: float) -> StepTiming:
+        """The step ends; ``wait`` as in :meth:`start`."""
+        return StepTiming(self._lr, time.monotonic() - self._step_started, wait - self._wait)
+
+    def progress_line(self, stage: str, record: dict) -> str:
+        """The console line of a step record: losses, lr, throughput, data wait and ETA."""
+        done = record["step"]
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / max(1, done - self.start_step) * (self.total_steps - done)
+        losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in record.items() if k in LOSS_FIELDS)
+        wait = 100 * record["data_wait_s"] / max(record["step_time_s"], 1e-9)
+        return (f"[{stage}] step {done}/{self.total_steps} | {losses} | lr {record['lr']:.2e} | "
+                f"{record['samples_per_s']:.1f} samples/s | data wait {wait:.0f}% | ETA {eta:.0f}s")
+
+
+def step_record(step: int, fields: tuple[str, ...], means: list[float], timing: StepTiming, *,
+                samples_per_step: int, micro_batches: int) -> dict:
+    """The ``metrics.jsonl`` record of a step.
+
+    Args:
+        step: Steps done.
+        fields: The loss fields, in the order of ``means``.
+        means: Each field's mean over the step's micro-batches, then the mean tokens per micro-batch.
+        timing: The step's timing.
+        samples_per_step: Samples of one step, all workers together.
+        micro_batches: Micro-batches of one step, all workers together.
+    """
+    return {
+        "step": step,
+        **{name: round(value, 6) for name, value in zip(fields, means[:-1])},
+        "lr": timing.lr,
+        "samples_per_s": round(samples_per_step / timing.step_time_s, 3),
+        "tokens_per_s": round(means[-1] * micro_batches / timing.step_time_s, 1),
+        "data_wait_s": round(timing.data_wait_s, 4),
+        "step_time_s": round(timing.step_time_s, 4),
+        "samples_seen": step * samples_per_step,
+    }
 
 
 class MetricsLog:
@@ -60,7 +124,7 @@ def plot_losses(records: list[dict], target: Location, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({k for r in records for k in r if k.startswith(LOSS_PREFIX)})
+    names = sorted({k for r in records for k in r if k in LOSS_FIELDS})
     evals = [name for name in EVAL_SERIES if any(name in r for r in records)]
     if evals:
         figure, (axis, eval_axis) = plt.subplots(1, 2, figsize=(14, 4.5), dpi=100)

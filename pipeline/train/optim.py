@@ -31,7 +31,13 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, spec: OptimizerSpec, total_steps: int) -> float:
-    """Learning rate after ``step`` optimizer steps: linear warm-up, then cosine to ``min_lr``."""
+    """Learning rate after ``step`` optimizer steps: linear warm-up, then cosine to ``min_lr``.
+
+    Not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: its warm-up starts at
+    ``step / warmup`` (the first optimizer step runs at learning rate 0, a wasted step) where
+    this one starts at ``(step + 1) / warmup``, as LAVIS's does; after the warm-up both follow
+    the same cosine (tests/train/test_optim.py compares them at every step).
+    """
     if step < spec.warmup_steps:
         return spec.lr * (step + 1) / spec.warmup_steps
     decay_steps = max(1, total_steps - spec.warmup_steps)

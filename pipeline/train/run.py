@@ -13,13 +13,16 @@ import logging
 import os
 import time
 
+from pipeline.checkpoint.format import COMPLETE, METADATA, METRICS, SUMMARY
+from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.errors import QformerError
+from pipeline.eval.periodic import resolve_stage_evals
 from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
-from pipeline.train.trained import COMPLETE, SUMMARY
-from pipeline.train.worker import StageTask, train_stage
+from pipeline.train.task import StageTask
+from pipeline.train.worker import train_stage
 
 log = logging.getLogger("qformer.train")
 
@@ -97,8 +100,6 @@ def _loadable(name: str) -> bool:
 
 
 def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
-    from pipeline.train.loader import shards_from_manifest
-
     if job.data.raw is not None:
         from pipeline.data.prep import run_prep
 
@@ -106,9 +107,9 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
         raw = job.data.raw.model_copy(update={"output": prepared.url})
         log.info("train: preparing raw shards into %s", prepared.url)
         run_prep(raw, ray_address=job.run.ray_address)
-        manifest = prepared.child("manifest.json")
+        manifest = prepared.child(MANIFEST)
     else:
-        manifest = Location.of(job.data.prepared, job.data.storage).child("manifest.json")
+        manifest = Location.of(job.data.prepared, job.data.storage).child(MANIFEST)
     if not exists(manifest):
         raise TrainError(f"data: {manifest.url} not found; run `qformer prep` on the corpus first")
     _check_tokens(job, json.loads(read_bytes(manifest)))
@@ -116,8 +117,6 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
 
 
 def _resolve_evals(job: JobSpec) -> JobSpec:
-    from pipeline.eval.periodic import resolve_stage_evals
-
     try:
         return resolve_stage_evals(job)
     except ValueError as err:
@@ -132,7 +131,7 @@ def _check_tokens(job: JobSpec, manifest: dict) -> None:
             f"model.qformer.max_text_length is {job.model.qformer.max_text_length} but the "
             f"prepared data has Q-Former tokens of length {qformer.get('max_length')}"
         )
-    if any(stage.model_stage == 2 for stage in job.stages) and "llm" not in tokenizers:
+    if any(stage.objective == 2 for stage in job.stages) and "llm" not in tokenizers:
         raise TrainError("a stage trains with the LLM (lm loss) but the prepared data has no LLM tokens")
 
 
@@ -183,7 +182,7 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
     if result.error is not None or result.checkpoint is None:
         raise TrainError(f"stage {stage.name} failed: {result.error}")
     checkpoint_url = _storage_url(run_dir, result.checkpoint.path)
-    metadata = json.loads(read_bytes(Location(checkpoint_url, run_dir.options).child("metadata.json")))
+    metadata = json.loads(read_bytes(Location(checkpoint_url, run_dir.options).child(METADATA)))
     return {
         "stage": stage.name,
         "step": metadata["step"],
@@ -191,7 +190,7 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
         "checkpoint": checkpoint_url,
         "final_metrics": result.metrics,
         "wall_time_s": round(time.monotonic() - started, 1),
-        "metrics": run_dir.child(stage.name, "metrics.jsonl").url,
+        "metrics": run_dir.child(stage.name, METRICS).url,
         "plot": run_dir.child(stage.name, "loss.png").url,
     }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 START_TIMEOUT_S = 90
 PORT_OPTIONS = (

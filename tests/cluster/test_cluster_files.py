@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from pipeline.spec import JobSpec, load_spec
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CLUSTER = REPO / "cluster"
 FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts)

@@ -28,7 +28,7 @@ from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 from pipeline.train.run import TrainError, run_training
 from tests.data.corpus import bad_corpus_spec, write_bad_corpus
-from tests.train.conftest import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
+from tests.train.helpers import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.data.demo_corpus import write_demo_corpus
 from pipeline.submit import wait_until_finished
-from tests.conftest import REPO, demo_prep_spec, free_port
+from tests.helpers import REPO, demo_prep_spec, free_port
 
 SECRET = "abc123"
 TRAIN_OVERRIDES = ("stages.0.steps=2", "stages.1.steps=2", "scaling.workers=1",

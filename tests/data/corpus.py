@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.conftest import jpeg_bytes, sample_members, write_tar
+from tests.helpers import jpeg_bytes, sample_members, write_tar
 
 BLOCKED_WORD = "forbiddenword"
 

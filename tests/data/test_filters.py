@@ -13,7 +13,7 @@ from pipeline.data.drops import Drop
 from pipeline.data.images import ImageTransform, ProcessedImage
 from pipeline.data.screen import content_hash
 from pipeline.spec.prep import FilterSpec, ImageSpec
-from tests.conftest import jpeg_bytes
+from tests.helpers import jpeg_bytes
 from tests.data.corpus import huge_png_header, truncated_jpeg
 
 

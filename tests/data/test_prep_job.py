@@ -13,7 +13,7 @@ from pipeline.data.prep import PrepError, run_prep
 from pipeline.data.tokenize import CaptionTokenizer
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
-from tests.conftest import jpeg_bytes, sample_members, write_tar
+from tests.helpers import jpeg_bytes, sample_members, write_tar
 from tests.data.corpus import EXPECTED_DROPS, EXPECTED_KEPT, bad_corpus_spec, write_bad_corpus
 
 

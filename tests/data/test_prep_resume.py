@@ -15,7 +15,7 @@ import yaml
 from pipeline.data.prep import run_prep
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
-from tests.conftest import jpeg_bytes, sample_members, write_tar
+from tests.helpers import jpeg_bytes, sample_members, write_tar
 
 SHARDS, PER_SHARD = 6, 25
 REPEATS = (SHARDS - 1) * len(range(0, PER_SHARD, 10))

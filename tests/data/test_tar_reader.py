@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.data.drops import Drop
 from pipeline.data.tar_reader import read_samples, scan_layout, split_member_name
-from tests.conftest import write_tar
+from tests.helpers import write_tar
 
 
 def _read(path):

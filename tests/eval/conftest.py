@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.model import Blip2Pretrainer
-from pipeline.train.worker import model_spec_for
-from tests.train.conftest import job_spec, tiny_job
+from tests.train.helpers import job_spec, tiny_job
 
 
 def write_checkpoint(folder: Path, raw_job: dict, stage_index: int, seed: int = 0) -> Path:
@@ -20,7 +19,7 @@ def write_checkpoint(folder: Path, raw_job: dict, stage_index: int, seed: int = 
     job = job_spec(raw_job)
     stage = job.stages[stage_index]
     torch.manual_seed(seed)
-    model = Blip2Pretrainer(model_spec_for(job, stage), stage=stage.model_stage)
+    model = Blip2Pretrainer(job.model, objective=stage.objective, loss_weights=stage.losses)
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()},
               str(folder / "trainable.safetensors"))

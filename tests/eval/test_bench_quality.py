@@ -9,7 +9,7 @@ import yaml
 from pipeline.bench.quality import load_benchmark_spec, split_prep
 from pipeline.cli import main
 from pipeline.spec import SpecError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SPEC = REPO / "jobs" / "bench_quality.yaml"
 

@@ -11,9 +11,13 @@ import torch
 
 from pipeline.cli import main
 from pipeline.eval import metrics
-from pipeline.eval.checkpoints import build_model, resolve_checkpoint
-from pipeline.eval.heldout import CaptionGallery, InputBuilder, read_rows, resolve_data
+from pipeline.checkpoint.lookup import find_checkpoint
+from pipeline.checkpoint.rebuild import load_trained_model
+from pipeline.data.prepared import read_rows
+from pipeline.eval.heldout import CaptionGallery, input_builder, resolve_data
+from pipeline.io.storage import Location
 from pipeline.model import build_llm_tokenizer, image_preprocessing
+from pipeline.model.losses import image_text_similarity
 from pipeline.model.generate import DecodingSpec, generate_captions
 from pipeline.eval.scoring import ScoringSpec, Stage2Scorer
 
@@ -22,22 +26,22 @@ SAMPLES = 48
 
 def _brute_force_i2t(checkpoint, prepared: str) -> tuple[np.ndarray, np.ndarray]:
     """ITC scores (N, C) of the first SAMPLES images vs the gallery, one sample at a time."""
-    source = resolve_checkpoint(checkpoint)
-    model = build_model(source)
+    source = find_checkpoint(Location.of(checkpoint))
+    model = load_trained_model(source)
     data = resolve_data([prepared])
     gallery = CaptionGallery.read(data.shards)
     rows = read_rows(data.shards, ["key", "caption", "image", "qformer_input_ids", "qformer_attention_mask"], SAMPLES)
-    build = InputBuilder(image_preprocessing(source.model_spec().vision), "qformer")
+    build = input_builder(image_preprocessing(source.model_spec.vision), 1)
     with torch.no_grad():
         texts = torch.cat([model.text_features(torch.as_tensor(gallery.input_ids[i : i + 1]),
                                                torch.as_tensor(gallery.attention_mask[i : i + 1]))
-                           for i in range(len(gallery.captions))]).numpy()  # (C, E)
-        images = np.concatenate([
-            model.image_features(model.query_image(model.encode_image(build(rows.slice(i, 1))["pixel_values"]))).numpy()
+                           for i in range(len(gallery.captions))])  # (C, E)
+        images = torch.cat([
+            model.image_features(model.query_image(model.encode_image(build(rows.slice(i, 1))["pixel_values"])))
             for i in range(rows.num_rows)
         ])  # (N, Q, E)
     reference = gallery.index_of(rows.column("caption").to_pylist())
-    return metrics.image_text_scores(images, texts), reference
+    return image_text_similarity(images, texts).numpy(), reference
 
 
 def test_stage1_eval_writes_consistent_recalls_and_a_sheet(tiny_checkpoints, prepared_demo, tmp_path):
@@ -48,7 +52,7 @@ def test_stage1_eval_writes_consistent_recalls_and_a_sheet(tiny_checkpoints, pre
     assert code == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["checkpoint"] == str(tiny_checkpoints[1])
-    assert report["model_stage"] == 1 and report["step"] == 3 and report["samples"] == SAMPLES
+    assert report["objective"] == 1 and report["step"] == 3 and report["samples"] == SAMPLES
     m = report["metrics"]
     for direction in ("i2t", "t2i"):
         assert 0 <= m[f"{direction}_r1"] <= m[f"{direction}_r5"] <= m[f"{direction}_r10"] <= 1
@@ -92,13 +96,13 @@ def test_stage2_eval_generates_captions_and_scores_them(tiny_checkpoints, prepar
 
 
 def test_stage2_scorer_matches_the_training_loss_and_a_hand_written_greedy_loop(tiny_checkpoints, prepared_demo):
-    source = resolve_checkpoint(str(tiny_checkpoints[2]))
-    model = build_model(source)
-    spec = source.model_spec()
+    source = find_checkpoint(Location.of(str(tiny_checkpoints[2])))
+    model = load_trained_model(source)
+    spec = source.model_spec
     tokenizer = build_llm_tokenizer(spec.llm)
     rows = read_rows(resolve_data([prepared_demo]).shards,
                      ["key", "caption", "image", "llm_input_ids", "llm_attention_mask"], 4)
-    inputs = InputBuilder(image_preprocessing(spec.vision), "llm")(rows)
+    inputs = input_builder(image_preprocessing(spec.vision), 2)(rows)
     out = Stage2Scorer(model, tokenizer, ScoringSpec(decoding=DecodingSpec(max_new_tokens=3)))(inputs)
     with torch.no_grad():
         loss = model(**inputs).loss_lm

@@ -36,14 +36,6 @@ def test_recall_breaks_ties_by_gallery_order_and_never_retrieves_minus_infinity(
         metrics.recall_at_k(tied, np.ones((2, 3), bool))
 
 
-def test_image_text_scores_take_the_best_query():
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(7, 4, 5)).astype(np.float32)
-    texts = rng.normal(size=(3, 5)).astype(np.float32)
-    brute = np.array([[max(float(q @ t) for q in image) for t in texts] for image in images])
-    np.testing.assert_allclose(metrics.image_text_scores(images, texts, chunk=2), brute, rtol=1e-5)
-
-
 def test_rerank_scores_only_the_candidates_with_match_plus_contrastive():
     itc = np.array([[0.9, 0.5, 0.4, 0.1]])
     reranked = metrics.rerank(itc, np.array([[0, 1]]), np.array([[-2.0, 3.0]]))
@@ -51,12 +43,6 @@ def test_rerank_scores_only_the_candidates_with_match_plus_contrastive():
     relevant = np.array([[False, True, False, False]])
     assert metrics.recall_at_k(itc, relevant, ks=(1,))[1] == 0.0
     assert metrics.recall_at_k(reranked, relevant, ks=(1,))[1] == 1.0
-
-
-def test_hardest_negatives_skip_relevant_items():
-    scores = np.array([[0.9, 0.8, 0.7], [0.1, 0.2, 0.3]])
-    relevant = np.array([[True, False, False], [True, True, True]])
-    assert metrics.hardest_negatives(scores, relevant).tolist() == [1, -1]
 
 
 def test_matching_accuracy():

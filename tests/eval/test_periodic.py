@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pipeline.eval.periodic import resolve_stage_evals
-from tests.train.conftest import job_spec, tiny_job
+from tests.train.helpers import job_spec, tiny_job
 
 
 def _job_with_eval(prepared: str, data: str):

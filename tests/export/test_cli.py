@@ -9,14 +9,14 @@ import pytest
 
 from pipeline.cli import EXIT_USAGE, main
 
-from .conftest import model_section, train_and_checkpoint
+from tests.export.helpers import model_section, train_and_checkpoint
 
 
 @pytest.fixture(scope="module")
 def run(towers, tmp_path_factory):
     """A run folder holding a finished stage 1 on a Dinov2 tower (exported in our own format)."""
     trained = train_and_checkpoint(tmp_path_factory.mktemp("runs") / "cli", model_section(
-        towers.dinov2_vision, towers.bert, towers.llm), stage=1, steps=1)
+        towers.dinov2_vision, towers.bert, towers.llm), objective=1, steps=1)
     return trained.run_dir
 
 

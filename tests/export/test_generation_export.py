@@ -8,9 +8,9 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from pipeline.export import export_checkpoint
 from pipeline.model import Blip2Pretrainer, build_llm_tokenizer
-from pipeline.model.generate import DecodingSpec, generate_captions, prefix_ids, visual_prompt
+from pipeline.model.generate import DecodingSpec, generate_captions, prefix_ids
 
-from .conftest import model_section, square_images, train_and_checkpoint
+from tests.export.helpers import model_section, square_images, train_and_checkpoint
 
 NEW_TOKENS = 8
 
@@ -19,7 +19,7 @@ NEW_TOKENS = 8
 def stage2(towers, tmp_path_factory):
     """A trained stage-2 model, exported from its stage folder, and the exported model."""
     run = tmp_path_factory.mktemp("runs") / "captioning"
-    trained = train_and_checkpoint(run, model_section(towers.blip2_vision, towers.bert, towers.llm), stage=2)
+    trained = train_and_checkpoint(run, model_section(towers.blip2_vision, towers.bert, towers.llm), objective=2)
     result = export_checkpoint(str(run / "stage2"), tmp_path_factory.mktemp("export") / "stage2")
     exported = Blip2ForConditionalGeneration.from_pretrained(result.out_dir).eval()
     return trained.model, result, exported, Blip2Processor.from_pretrained(result.out_dir)
@@ -28,7 +28,7 @@ def stage2(towers, tmp_path_factory):
 def _our_inputs(model: Blip2Pretrainer, pixel_values: torch.Tensor, prompt: list[int]) -> torch.Tensor:
     """(B, Q + T, D) our LLM input: the visual prompt, then the prompt tokens."""
     embed = model.language_model.get_input_embeddings()
-    visual = visual_prompt(model, pixel_values)  # (B, Q, D)
+    _, visual = model.visual_prompt(pixel_values)  # (B, Q, D)
     prompt_embeds = embed(torch.tensor(prompt, dtype=torch.long))  # (T, D)
     return torch.cat([visual, prompt_embeds.expand(len(visual), -1, -1)], dim=1)
 

@@ -8,11 +8,11 @@ import torch
 from pipeline.assets import TINY_LLAMA
 from pipeline.export import ExportError, export_checkpoint, load_exported
 from pipeline.export.compat import transformers_blockers
-from pipeline.model import Blip2Pretrainer, ModelSpec, build_llm_tokenizer, build_qformer_tokenizer
+from pipeline.model import Blip2Pretrainer, build_llm_tokenizer, build_qformer_tokenizer
+from pipeline.spec.model import ModelSpec
 from pipeline.model.generate import DecodingSpec, generate_captions
-from pipeline.model.losses import HardNegativeSampler
 
-from .conftest import captions, model_section, train_and_checkpoint
+from tests.export.helpers import captions, model_section, train_and_checkpoint
 
 OWN_FILES = {"trainable.safetensors", "qformer_export.json", "README.md"}
 
@@ -21,7 +21,7 @@ OWN_FILES = {"trainable.safetensors", "qformer_export.json", "README.md"}
 def dinov2_stage1(towers, tmp_path_factory):
     """A trained stage-1 model on a Dinov2 tower, exported with ``auto``."""
     run = tmp_path_factory.mktemp("runs") / "dinov2"
-    trained = train_and_checkpoint(run, model_section(towers.dinov2_vision, towers.bert, towers.llm), stage=1)
+    trained = train_and_checkpoint(run, model_section(towers.dinov2_vision, towers.bert, towers.llm), objective=1)
     return trained, export_checkpoint(str(trained.checkpoint), tmp_path_factory.mktemp("export") / "own")
 
 
@@ -42,7 +42,7 @@ def test_a_model_transformers_cannot_compute_is_written_in_our_format(dinov2_sta
 def test_the_own_format_loads_back_as_the_trained_model(dinov2_stage1):
     trained, result = dinov2_stage1
     loaded = load_exported(result.out_dir)
-    assert isinstance(loaded, Blip2Pretrainer) and loaded.stage == 1 and not loaded.training
+    assert isinstance(loaded, Blip2Pretrainer) and loaded.objective == 1 and not loaded.training
     ours = trained.model.trainable_state_dict()
     theirs = loaded.trainable_state_dict()
     assert theirs.keys() == ours.keys()
@@ -54,7 +54,6 @@ def test_the_own_format_loads_back_as_the_trained_model(dinov2_stage1):
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(41))
     outputs = []
     for model in (trained.model, loaded):
-        model.hard_negatives = HardNegativeSampler(0)  # the same ITM negatives for both
         with torch.no_grad():
             outputs.append(model(pixel_values=pixels, input_ids=text["input_ids"],
                                  attention_mask=text["attention_mask"]))
@@ -65,7 +64,7 @@ def test_the_own_format_loads_back_as_the_trained_model(dinov2_stage1):
 
 def test_an_llm_without_a_spare_embedding_row_falls_back_and_loads_back(towers, tmp_path):
     run = tmp_path / "runs" / "no-spare-row"
-    trained = train_and_checkpoint(run, model_section(towers.blip2_vision, towers.bert, TINY_LLAMA), stage=2)
+    trained = train_and_checkpoint(run, model_section(towers.blip2_vision, towers.bert, TINY_LLAMA), objective=2)
     with pytest.raises(ExportError, match="no spare row"):
         export_checkpoint(str(trained.checkpoint), tmp_path / "hf", export_format="transformers")
     assert not (tmp_path / "hf").exists()
@@ -83,7 +82,7 @@ def test_an_llm_without_a_spare_embedding_row_falls_back_and_loads_back(towers, 
 
 def test_our_format_on_request_for_a_model_transformers_could_hold(towers, tmp_path):
     trained = train_and_checkpoint(tmp_path / "runs" / "asked", model_section(
-        towers.blip2_vision, towers.bert, towers.llm), stage=1, steps=1)
+        towers.blip2_vision, towers.bert, towers.llm), objective=1, steps=1)
     result = export_checkpoint(str(trained.checkpoint), tmp_path / "own", export_format="own")
     assert result.record["format"] == "qformer" and result.blockers == []
     assert {path.name for path in result.out_dir.iterdir()} == OWN_FILES
@@ -99,6 +98,6 @@ def test_our_format_on_request_for_a_model_transformers_could_hold(towers, tmp_p
 def test_another_image_size_than_the_towers_blocks_transformers(towers):
     section = model_section(towers.blip2_vision, towers.bert, towers.llm)
     section["vision"]["image_size"] = 48  # the tower's position embeddings are for 32 px
-    model = Blip2Pretrainer(ModelSpec.model_validate(section), stage=1)
+    model = Blip2Pretrainer(ModelSpec.model_validate(section), objective=1)
     blockers = transformers_blockers(model, build_qformer_tokenizer(model.spec.qformer))
     assert len(blockers) == 1 and "48 px" in blockers[0] and "32 px" in blockers[0]

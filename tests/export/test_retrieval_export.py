@@ -14,7 +14,7 @@ from pipeline.export import export_checkpoint
 from pipeline.model import image_preprocessing
 from pipeline.spec.prep import TokenizerSpec
 
-from .conftest import captions, model_section, square_images, train_and_checkpoint
+from tests.export.helpers import captions, model_section, square_images, train_and_checkpoint
 
 QUERIES, TEXT_LENGTH = 4, 12
 
@@ -23,7 +23,7 @@ QUERIES, TEXT_LENGTH = 4, 12
 def stage1(towers, tmp_path_factory):
     """A trained stage-1 model (Blip2VisionModel tower) and its transformers export."""
     run = tmp_path_factory.mktemp("runs") / "retrieval"
-    trained = train_and_checkpoint(run, model_section(towers.blip2_vision, towers.bert, towers.llm), stage=1)
+    trained = train_and_checkpoint(run, model_section(towers.blip2_vision, towers.bert, towers.llm), objective=1)
     result = export_checkpoint(str(trained.checkpoint), tmp_path_factory.mktemp("export") / "stage1")
     exported = Blip2ForImageTextRetrieval.from_pretrained(result.out_dir).eval()
     return trained.model, result, exported, Blip2Processor.from_pretrained(result.out_dir)

@@ -17,11 +17,12 @@ import s3fs
 import torch
 from PIL import Image
 
-from pipeline.data.output_format import fixed_list, output_schema
+from pipeline.data.prepared import fixed_list, output_schema
 from pipeline.io.storage import Location
-from pipeline.train.augment import TrainTransform, crop_box
-from pipeline.train.loader import BatchStream, DataError, LoaderConfig, shards_from_manifest
-from tests.conftest import jpeg_bytes
+from pipeline.data.augment import TrainTransform, crop_box
+from pipeline.data.prepared import shards_from_manifest
+from pipeline.train.loader import BatchStream, DataError, LoaderConfig
+from tests.helpers import jpeg_bytes
 
 QFORMER_LENGTH, LLM_LENGTH = 6, 5
 PREP_SIZE, IMAGE_SIZE = 24, 16
@@ -267,14 +268,16 @@ def test_an_undecodable_image_surfaces_in_the_consumer_naming_shard_and_key(tmp_
         next(stream)
 
 
-def test_prefetching_hides_decoding_from_the_consumer(corpus):
-    with BatchStream(config(corpus, prefetch_batches=4), 0, 1) as stream:
+def test_batches_are_decoded_ahead_of_the_consumer_up_to_the_prefetch_bound(corpus):
+    with BatchStream(config(corpus, prefetch_batches=3), 0, 1) as stream:
         next(stream)
         assert isinstance(stream.wait_seconds, float) and stream.wait_seconds >= 0
-        time.sleep(1.0)
-        before = stream.wait_seconds
-        take(stream, 4)
-        assert stream.wait_seconds - before < 0.05
+        deadline = time.monotonic() + 120  # generous: only a stalled producer reaches it
+        while stream.ready < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.ready == 3  # decoded before anyone asked for them, never more than the bound
+        take(stream, 3)
+        assert stream.ready < 3
 
 
 def test_close_stops_every_thread(corpus):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.io.storage import Location
-from pipeline.train.trained import CheckpointNotFound, find_checkpoint
-from tests.train.conftest import tiny_job
+from pipeline.checkpoint.lookup import CheckpointNotFound, find_checkpoint
+from tests.train.helpers import tiny_job
 
 
 def _checkpoint(run: Path, stage_index: int, step: int) -> Path:
@@ -39,8 +39,8 @@ def test_a_checkpoint_folder_a_stage_folder_and_a_run_folder(run):
     assert find_checkpoint(Location.of(str(final))).location.url == str(final)
     assert find_checkpoint(Location.of(str(run / "stage1"))).stage.name == "stage1"
     last = find_checkpoint(Location.of(str(run)))
-    assert (last.stage.name, last.model_stage, last.step) == ("stage2", 2, 6)
-    assert find_checkpoint(Location.of(str(run)), stage="stage1").model_stage == 1
+    assert (last.stage.name, last.objective, last.step) == ("stage2", 2, 6)
+    assert find_checkpoint(Location.of(str(run)), stage="stage1").objective == 1
 
 
 @pytest.mark.parametrize("where, stage, message", [

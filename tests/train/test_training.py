@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 
 from pipeline.model import Blip2Pretrainer
 from pipeline.train.run import run_training
-from pipeline.train.worker import model_spec_for
-from tests.train.conftest import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
+from tests.train.helpers import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
 
 FROZEN_PREFIXES = ("vision_model.", "language_model.")
 
@@ -60,7 +59,7 @@ def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage):
 
     # Checkpoints hold the trainable parameters only.
     final1 = Path(summary["stages"][0]["checkpoint"])
-    model = Blip2Pretrainer(model_spec_for(job, job.stages[0]), stage=1)
+    model = Blip2Pretrainer(job.model, objective=1, loss_weights=job.stages[0].losses)
     counts = model.parameter_counts()
     trainable = load_file(final1 / "trainable.safetensors")
     assert not [k for k in trainable if k.startswith(FROZEN_PREFIXES)]
@@ -72,7 +71,7 @@ def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage):
         assert module and not [k for k in module if k.startswith(FROZEN_PREFIXES)]
 
     # Stage 2 started from stage 1's trained Q-Former, not from a fresh initialisation.
-    stage2 = Blip2Pretrainer(model_spec_for(job, job.stages[1]), stage=2)
+    stage2 = Blip2Pretrainer(job.model, objective=2, loss_weights=job.stages[1].losses)
     fresh = stage2.trainable_state_dict()
     final2 = load_file(Path(summary["stages"][1]["checkpoint"]) / "trainable.safetensors")
     shared = [k for k in final2 if k.startswith("qformer.") and k in trainable]

@@ -1,22 +1,16 @@
-"""Tiny curriculum specs and Ray Train helpers for training tests (the prepared demo corpus is
-in tests/conftest.py)."""
+"""Tiny curriculum specs and Ray Train helpers for the training tests (the prepared demo corpus
+is a fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 
 import psutil
 
+from pipeline.assets import tiny_model_section
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
-
-TINY_MODEL = {
-    "vision": {"name": "tiny:vit", "dtype": "float32", "image_size": 32},
-    "qformer": {"bert": "tiny:bert", "num_query_tokens": 4, "embed_dim": 16, "max_text_length": 16},
-    "llm": {"name": "tiny:llama", "dtype": "float32"},
-}
 
 
 def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
@@ -37,7 +31,7 @@ def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
     job = {
         "run": {"name": name, "storage": storage, "seed": 7, "keep_checkpoints": 2},
         "scaling": {"workers": 2, "cpus_per_worker": 1, "max_failures": 2},
-        "model": copy.deepcopy(TINY_MODEL),
+        "model": tiny_model_section(num_query_tokens=4, embed_dim=16),
         "data": {"prepared": prepared, "decode_threads": 1, "prefetch_batches": 2},
         "deepspeed": {"zero_stage": zero_stage, "precision": "fp32"},
         "stages": stages,
@@ -77,6 +71,13 @@ def wait_for_registered_checkpoint(fs, stage: str, running, timeout_s: float = 2
 
 
 def train_worker_pids() -> list[int]:
-    """Process ids of every Ray Train worker on this machine."""
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    """Process ids of the Ray Train workers this test process started (its Ray's, through the
+    raylet it started; another process's Ray on the same machine is left alone)."""
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                workers.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return workers

@@ -1,0 +1,46 @@
+"""What a Ray Train worker needs to train one stage: it travels as ``train_loop_config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.io.storage import Location
+
+
+@dataclass(frozen=True)
+class StageTask:
+    """One stage of a run, for the workers.
+
+    Attributes:
+        job_json: The whole job spec, as JSON (paths already resolved by the driver).
+        stage_index: Which of its stages to train.
+        run_dir: The run folder.
+        shards: The prepared training shards, in corpus order.
+        init_weights: A checkpoint folder whose trained weights a new stage starts from.
+    """
+
+    job_json: str
+    stage_index: int
+    run_dir: Location
+    shards: tuple[Location, ...]
+    init_weights: Location | None
+
+    def to_config(self) -> dict:
+        return {
+            "job": self.job_json,
+            "stage_index": self.stage_index,
+            "run_dir": [self.run_dir.url, self.run_dir.options],
+            "shards": [[s.url, s.options] for s in self.shards],
+            "init_weights": [self.init_weights.url, self.init_weights.options] if self.init_weights else None,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "StageTask":
+        init = config["init_weights"]
+        return cls(
+            job_json=config["job"],
+            stage_index=config["stage_index"],
+            run_dir=Location(*config["run_dir"]),
+            shards=tuple(Location(url, options) for url, options in config["shards"]),
+            init_weights=Location(*init) if init else None,
+        )

