@@ -202,3 +202,21 @@ def test_a_single_value_for_a_list_field_is_a_list_of_one(tmp_path):
     spec = load_spec(path, JobSpec, ["prep.inputs=[a.tar, b.tar]"])
     assert spec.prep.inputs == ["a.tar", "b.tar"]
 
+
+@pytest.mark.parametrize("key", ["api_key", "wandb.api_key", "hf_token", "comet.apiKey", "password",
+                                 "aws.secret_access_key", "auth.token"])
+def test_deepspeed_overrides_refuse_secret_looking_keys(tmp_path, key, capsys):
+    path = REPO / "jobs" / "demo_tiny.yaml"
+    with pytest.raises(SpecError, match=re.escape(f"deepspeed.overrides: {key}: looks like a secret")):
+        load_spec(path, JobSpec, [f"deepspeed.overrides.{key}=abc123"])
+    assert main(["validate", str(path), "--set", f"deepspeed.overrides.{key}=abc123"]) == 2
+    assert "abc123" not in capsys.readouterr().err
+
+
+def test_deepspeed_overrides_keep_ordinary_keys():
+    spec = load_spec(REPO / "jobs" / "demo_tiny.yaml", JobSpec, [
+        "deepspeed.overrides.wandb.enabled=true", "deepspeed.overrides.steps_per_print=10",
+        "deepspeed.overrides.data_efficiency.data_routing.random_ltd.total_layer_tokens=5",
+        "deepspeed.overrides.data_efficiency.data_routing.random_ltd.layer_token_lr_schedule.enabled=false",
+    ])
+    assert spec.deepspeed.overrides["steps_per_print"] == 10
