@@ -3,6 +3,13 @@
 :func:`connect` checks that the address answers as a Ray dashboard before the Job Submission
 SDK is built; :func:`sdk_errors` turns the SDK's exceptions (whose text can hold a server
 traceback) into a :class:`SubmitError`.
+
+Token authentication: a Ray cluster with ``RAY_AUTH_MODE=token`` on its nodes answers every
+dashboard request without its token with HTTP 401, and one with a wrong token with 403. The
+token is found where Ray's own clients look, by Ray's own loader (the one ``ray
+get-auth-token`` uses), first set first: ``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``
+names, ``~/.ray/auth_token``. It is sent, in the header Ray's clients send (``Authorization:
+Bearer ...``), only to a dashboard that asks for it, whatever ``RAY_AUTH_MODE`` says here.
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ from typing import TYPE_CHECKING, Iterator
 from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError
 
 if TYPE_CHECKING:
+    import requests
     from ray.job_submission import JobSubmissionClient
 
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
 """Read when no address is given; Ray's own ``ray job`` command reads it too. (``RAY_ADDRESS``
 is not read: in this project it names the GCS address that ``ray.init`` joins.)"""
 CONNECT_TIMEOUT_S = 10.0
+TOKEN_SOURCES = "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH naming a file that holds it, or ~/.ray/auth_token"
+"""Where Ray's clients look for the token, first set first (for messages)."""
 
 
 class SubmitError(QformerError):
@@ -46,21 +56,27 @@ def dashboard_url(address: str | None) -> str:
 
 
 def connect(address: str | None) -> "JobSubmissionClient":
-    """A Job Submission client for the dashboard at ``address``, checked to answer.
+    """A Job Submission client for the dashboard at ``address``, checked to answer; it sends
+    this machine's Ray token if the dashboard asks for one.
 
     Raises:
-        SubmitError: nothing answers there, it is not a Ray dashboard (exit status 2).
+        SubmitError: nothing answers there, it is not a Ray dashboard, or it wants a token
+            that is missing here or that it refuses (exit status 2).
     """
-    import requests
-
     url = dashboard_url(address)
-    try:
-        reply = requests.get(f"{url}/api/version", timeout=CONNECT_TIMEOUT_S)
-    except requests.exceptions.Timeout:
-        raise SubmitError(f"no answer from the Ray dashboard at {url} within "
-                          f"{CONNECT_TIMEOUT_S:.0f} s") from None
-    except requests.exceptions.RequestException as error:
-        raise SubmitError(f"cannot reach the Ray dashboard at {url}: {_reason(error)}") from None
+    headers: dict[str, str] = {}
+    reply = _get_version(url, headers)
+    if reply.status_code == 401:
+        headers = token_headers() or {}
+        if not headers:
+            raise SubmitError(f"the Ray dashboard at {url} has token authentication and no Ray "
+                              f"token was found here: set {TOKEN_SOURCES} (`ray get-auth-token` "
+                              "on the head prints it)")
+        reply = _get_version(url, headers)
+        if reply.status_code in (401, 403):
+            raise SubmitError(f"the Ray dashboard at {url} refused the Ray token found here "
+                              f"(HTTP {reply.status_code}): it is not this cluster's token "
+                              f"(looked in {TOKEN_SOURCES})")
     try:
         version = reply.json()["ray_version"] if reply.ok else None
     except (ValueError, KeyError, TypeError):
@@ -78,7 +94,43 @@ def connect(address: str | None) -> "JobSubmissionClient":
     # The SDK lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS override an explicit address; the
     # address given here must win.
     with _without_env("RAY_ADDRESS", ADDRESS_ENV), sdk_errors(url):
-        return JobSubmissionClient(url)
+        return JobSubmissionClient(url, headers=headers)
+
+
+def _get_version(url: str, headers: dict[str, str]) -> "requests.Response":
+    import requests
+
+    try:
+        return requests.get(f"{url}/api/version", headers=headers, timeout=CONNECT_TIMEOUT_S)
+    except requests.exceptions.Timeout:
+        raise SubmitError(f"no answer from the Ray dashboard at {url} within "
+                          f"{CONNECT_TIMEOUT_S:.0f} s") from None
+    except requests.exceptions.RequestException as error:
+        raise SubmitError(f"cannot reach the Ray dashboard at {url}: {_reason(error)}") from None
+
+
+def token_headers() -> dict[str, str] | None:
+    """The HTTP headers that carry this machine's Ray token; None when it has none.
+
+    Raises:
+        SubmitError: ``$RAY_AUTH_TOKEN_PATH`` names a file that cannot be read or is empty
+            (Ray treats that as an error, not as "no token").
+    """
+    from ray._private.authentication.authentication_constants import (
+        AUTHORIZATION_BEARER_PREFIX, AUTHORIZATION_HEADER_NAME,
+    )
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.exceptions import AuthenticationError
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # it caches per process, and this process's environment may have changed
+    try:
+        if not loader.has_token(ignore_auth_mode=True):
+            return None
+        token = loader.get_raw_token(ignore_auth_mode=True)
+    except AuthenticationError as error:
+        raise SubmitError(f"cannot read the Ray token: {error.message.split('. ')[0]}") from None
+    return {AUTHORIZATION_HEADER_NAME: AUTHORIZATION_BEARER_PREFIX + token}
 
 
 @contextlib.contextmanager
@@ -99,12 +151,16 @@ def sdk_errors(client: "JobSubmissionClient | str", job_id: str | None = None) -
         job_id: the job the block asks about: a 404 then means no such job.
     """
     import requests
+    from ray.exceptions import AuthenticationError
 
     where = client if isinstance(client, str) else client.get_address()
     try:
         yield
     except SubmitError:
         raise
+    except AuthenticationError as error:  # a dashboard that let connect() in, then did not
+        raise SubmitError(f"the Ray dashboard at {where} refused the request: "
+                          f"{error.message.splitlines()[0]}") from None
     except (requests.exceptions.RequestException, ConnectionError) as error:
         raise SubmitError(f"lost the Ray dashboard at {where}: {_reason(error)}") from None
     except RuntimeError as error:
