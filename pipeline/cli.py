@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cluster_commands(commands) -> None:
     """``qformer submit`` and ``qformer jobs``: Ray Jobs on a cluster (pipeline.submit)."""
+    from pipeline.submit.submission import ENV_EXPOSURE
+
     address = dict(help="the Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
     submit = commands.add_parser(
         "submit", help="run a job spec as a Ray Job on a cluster (qformer train, or prep)")
@@ -100,14 +102,15 @@ def _cluster_commands(commands) -> None:
     submit.add_argument("--address", **address)
     submit.add_argument("--working-dir", default=None,
                         help="folder uploaded as the job's working dir (default: this repository; "
-                             "runs/, data/, .git and caches are never uploaded)")
+                             "runs/, data/, .git, caches, .env files, keys and links out of the "
+                             "folder are never uploaded)")
     submit.add_argument("--no-wait", dest="wait", action="store_false",
                         help="print the submission id and return instead of streaming the logs")
     submit.add_argument("--runtime-env-pip", dest="pip", action="extend", nargs="+", default=[],
                         metavar="PKG", help="pip requirements installed into the job's runtime env")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the job (secrets go here, never in the "
-                             "spec; KEY alone forwards this shell's value); repeatable")
+                        help="environment variable for the job (KEY alone forwards this shell's "
+                             f"value); repeatable. Never in the spec, never printed, but {ENV_EXPOSURE}")
     submit.add_argument("--resume", action="store_true",
                         help="continue a finished run under a new submission id (qformer-NAME-rN)")
     submit.set_defaults(handler=_submit)

@@ -7,15 +7,18 @@ and caches into a staging folder, writes the resolved spec (overrides applied) i
 relative path>`` with the staging folder as the job's ``runtime_env`` ``working_dir``; Ray
 uploads it to the cluster, so a remote cluster needs nothing from this machine's disk.
 
-Secrets travel only as ``runtime_env`` environment variables; they are never written into the
-spec and never printed (only their names are). Ray shows ``runtime_env`` to whoever can reach
-the cluster's dashboard, as for any Ray job.
+Credentials are best the cluster's own (instance roles, Kubernetes Secrets, service accounts):
+nothing then travels with the job. ``--env`` values go into the job's ``runtime_env``: never
+into the spec, never printed (only their names are), but the Jobs API and the dashboard show
+``runtime_env`` to whoever can reach the cluster, and ``submit`` says so when they are used.
+The uploaded working dir never holds ``.env`` files, keys, credential folders, or the contents
+of links that point out of it.
 
 Exit status (see ``pipeline.cli``): 0 success; 1 the job FAILED or was STOPPED, or the
 submission was refused (a job of the run is active, or finished and ``--resume`` not given);
 2 bad spec or arguments, unreachable or non-Ray address, unknown job id.
 
-Modules: ``client`` (the connection to the dashboard and its errors), ``staging`` (the uploaded
+Modules: ``client`` (the connection to the dashboard, its token and its errors), ``staging`` (the uploaded
 working dir), ``jobs`` (following, listing, stopping jobs), ``submission`` (``submit``).
 """
 

@@ -33,6 +33,10 @@ from pipeline.submit.staging import (
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
+ENV_EXPOSURE = ("the values are stored in the job's runtime_env, which the Ray Jobs API and "
+                "dashboard show to anyone who can reach the cluster; prefer credentials from the "
+                "cluster's own identity (instance roles, Kubernetes Secrets)")
+"""What ``--env`` exposes (said on the console and in the command's help)."""
 SPEC_DIR = "_qformer_submit"
 """Folder of the uploaded working dir holding the submitted specs."""
 ID_PREFIX = "qformer-"
@@ -83,7 +87,7 @@ def submit(request: SubmitRequest, out: TextIO | None = None, err: TextIO | None
     spec_file = f"{SPEC_DIR}/{submission_id}.yaml"
     entrypoint = f"python -m pipeline {command} {shlex.quote(spec_file)}"
     with tempfile.TemporaryDirectory(prefix="qformer-submit-") as staging:
-        size = stage_working_dir(source, Path(staging))
+        staged = stage_working_dir(source, Path(staging))
         target = Path(staging, spec_file)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(spec_yaml)
@@ -92,12 +96,14 @@ def submit(request: SubmitRequest, out: TextIO | None = None, err: TextIO | None
             runtime_env["env_vars"] = env_vars
         if request.pip:
             runtime_env["pip"] = list(request.pip)
-        print(f"submit: uploading {source} ({size / 2**20:.1f} MiB without "
+        print(f"submit: uploading {source} ({staged.bytes / 2**20:.1f} MiB without "
               f"{', '.join(sorted(TOP_LEVEL_EXCLUDES))} and caches) as the job's working dir",
               file=err)
+        if staged.withheld:
+            print(f"submit: not uploaded (secrets, or links out of the working dir): "
+                  f"{', '.join(staged.withheld)}", file=err)
         if env_vars:
-            print(f"submit: env vars for the job (values not shown): {', '.join(sorted(env_vars))}",
-                  file=err)
+            print(f"submit: warning: --env {', '.join(sorted(env_vars))}: {ENV_EXPOSURE}", file=err)
         with sdk_errors(client, submission_id):
             client.submit_job(
                 entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
