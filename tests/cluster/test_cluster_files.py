@@ -634,27 +634,44 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_local_multinode_script_starts_and_stops_its_own_nodes():
-    """A head and one worker with 1 CPU each: two alive nodes, 2 CPUs; `stop` ends them."""
+def test_local_multinode_script_starts_and_stops_its_own_nodes(tmp_path):
+    """From an empty HOME, with token authentication (the script's default): it creates the
+    token, starts a head and one worker with 1 CPU each (two alive nodes, 2 CPUs) that refuse
+    requests without the token and serve `qformer jobs` with it; `stop` ends them."""
+    import requests
+
     script = CLUSTER / "local-multinode.sh"
     state = Path(tempfile.mkdtemp(prefix="qfr", dir="/tmp"))  # short: Ray's socket paths
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_PORT=str(port), DASHBOARD_PORT=str(_free_port()), STATE_DIR=str(state),
-               RAY_AUTH_MODE="disabled", PYTHON=sys.executable)
+    home = tmp_path / "home"  # a fresh machine's: no ~/.ray/auth_token (the real one untouched)
+    home.mkdir()
+    port, dashboard = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                        "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_PORT=str(port), DASHBOARD_PORT=str(dashboard), STATE_DIR=str(state),
+               HOME=str(home), PYTHON=sys.executable)
     pids: list[int] = []
     try:
         started = subprocess.run([str(script), "start", "1", "1"], env=env, capture_output=True,
                                  text=True, timeout=300)
         assert started.returncode == 0, started.stdout + started.stderr
+        assert "created a Ray token in ~/.ray/auth_token" in started.stdout
+        token = (home / ".ray" / "auth_token").read_text().strip()
         assert f"address:   127.0.0.1:{port}" in started.stdout
         pids = [int(line.split()[0]) for line in (state / "pids").read_text().splitlines()]
         assert len(pids) == 2 and all(_alive(pid) for pid in pids)
         probe = ("import json, ray; ray.init(logging_level='ERROR'); "
                  "print(json.dumps([n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']]))")
-        nodes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                               timeout=120, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        nodes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                               env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"})
         assert json.loads(nodes.stdout.strip().splitlines()[-1]) == [1.0, 1.0], nodes.stderr
+        version = f"http://127.0.0.1:{dashboard}/api/version"
+        assert requests.get(version, timeout=10).status_code == 401
+        assert requests.get(version, headers={"Authorization": f"Bearer {token}"}, timeout=10).ok
+        jobs = subprocess.run([sys.executable, "-m", "pipeline", "jobs", "list", "--address",
+                               f"http://127.0.0.1:{dashboard}"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert jobs.returncode == 0 and jobs.stdout.startswith("SUBMISSION ID"), jobs.stderr
         again = subprocess.run([str(script), "start"], env=env, capture_output=True, text=True)
         assert again.returncode == 1 and "stop it first" in again.stderr
     finally:
