@@ -9,11 +9,13 @@
 #   cluster/local-multinode.sh address                  print the address (for RAY_ADDRESS)
 #   cluster/local-multinode.sh stop                     stop the nodes this script started
 #
-# Environment: RAY_PORT (GCS port, 6379), DASHBOARD_PORT (8265, where `ray job submit` goes),
-# HEAD_CPUS (the head's CPUs, default CPUS), RAY_AUTH_MODE (token, Ray's default for a new
-# cluster: clients need RAY_AUTH_MODE=token too and read the token from ~/.ray/auth_token;
-# `disabled` lets anyone who reaches the ports run code), STATE_DIR (pids, logs and each node's
-# Ray temp dir; keep it short, Ray's socket paths live below it; default
+# Environment: RAY_PORT (GCS port, 6379), DASHBOARD_PORT (8265, where `ray job submit` and
+# `qformer submit` go), HEAD_CPUS (the head's CPUs, default CPUS), RAY_AUTH_MODE (token, the
+# default: every request needs the cluster's token, which Ray finds in RAY_AUTH_TOKEN, the file
+# RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token; `start` creates ~/.ray/auth_token when none
+# is set. Ray clients need RAY_AUTH_MODE=token too; `qformer submit|jobs` send the token when
+# the dashboard asks. `disabled` lets anyone who reaches the ports run code), STATE_DIR (pids,
+# logs and each node's Ray temp dir; keep it short, Ray's socket paths live below it; default
 # /tmp/qformer-ray-$RAY_PORT), RAY (the ray command, default `ray`), PYTHON (default python3).
 #
 # `stop` ends only the processes this script started (by the pids it recorded), never every
@@ -109,6 +111,18 @@ wait_for() {  # wait_for DESCRIPTION COMMAND...: retry COMMAND until it succeeds
 
 has_nodes() { [[ "$(alive_nodes 2>/dev/null)" == "$1" ]]; }
 
+ensure_token() {  # `ray start` needs a token under RAY_AUTH_MODE=token and, unlike ray.init(), makes none
+    [[ "$RAY_AUTH_MODE" == token ]] || return 0
+    local log
+    if ! log=$("$RAY" get-auth-token --generate 2>&1 >/dev/null); then
+        echo "error: no Ray token for RAY_AUTH_MODE=token: $(tail -n 1 <<<"$log")" >&2
+        exit 1
+    fi
+    if [[ "$log" == *Generating* ]]; then
+        echo "created a Ray token in ~/.ray/auth_token (clients of this cluster need it)"
+    fi
+}
+
 start_cluster() {
     local workers="${1:-2}" cpus="${2:-1}"
     local head_cpus="${HEAD_CPUS:-$cpus}"
@@ -124,6 +138,7 @@ start_cluster() {
             exit 1
         fi
     done
+    ensure_token
     mkdir -p "$STATE_DIR"
     rm -f "$STATE_DIR"/*.log
     : >"$PIDS"
@@ -144,6 +159,7 @@ start_cluster() {
     echo "address:   $ADDRESS"
     echo "dashboard: http://127.0.0.1:$DASHBOARD_PORT  (ray job submit --address http://127.0.0.1:$DASHBOARD_PORT -- ...)"
     echo "use it:    export RAY_ADDRESS=$ADDRESS RAY_AUTH_MODE=$RAY_AUTH_MODE"
+    echo "submit:    qformer submit SPEC.yaml --address http://127.0.0.1:$DASHBOARD_PORT"
     echo "stop it:   $0 stop"
 }
 

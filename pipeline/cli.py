@@ -1,7 +1,9 @@
 """The ``qformer`` command line: a thin layer over the library.
 
 Exit status: 0 on success, 1 when a job fails while running, 2 for a bad spec, bad arguments
-or missing inputs (reported before any Ray work starts).
+or missing inputs (reported before any Ray work starts). Every error a user can act on is a
+:class:`~pipeline.errors.QformerError`, reported by :func:`main` as one ``error: ...`` line
+with the error's own exit status; a handler only returns the status of work that ran.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import logging
 import os
 import sys
 
+from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError
 from pipeline.spec import JobSpec, SpecError, load_spec
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.handler(args)
-    except SpecError as err:
+    except QformerError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -91,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cluster_commands(commands) -> None:
     """``qformer submit`` and ``qformer jobs``: Ray Jobs on a cluster (pipeline.submit)."""
+    from pipeline.submit.submission import ENV_EXPOSURE
+
     address = dict(help="the Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
     submit = commands.add_parser(
         "submit", help="run a job spec as a Ray Job on a cluster (qformer train, or prep)")
@@ -98,14 +102,15 @@ def _cluster_commands(commands) -> None:
     submit.add_argument("--address", **address)
     submit.add_argument("--working-dir", default=None,
                         help="folder uploaded as the job's working dir (default: this repository; "
-                             "runs/, data/, .git and caches are never uploaded)")
+                             "runs/, data/, .git, caches, .env files, keys and links out of the "
+                             "folder are never uploaded)")
     submit.add_argument("--no-wait", dest="wait", action="store_false",
                         help="print the submission id and return instead of streaming the logs")
     submit.add_argument("--runtime-env-pip", dest="pip", action="extend", nargs="+", default=[],
                         metavar="PKG", help="pip requirements installed into the job's runtime env")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the job (secrets go here, never in the "
-                             "spec; KEY alone forwards this shell's value); repeatable")
+                        help="environment variable for the job (KEY alone forwards this shell's "
+                             f"value); repeatable. Never in the spec, never printed, but {ENV_EXPOSURE}")
     submit.add_argument("--resume", action="store_true",
                         help="continue a finished run under a new submission id (qformer-NAME-rN)")
     submit.set_defaults(handler=_submit)
@@ -178,16 +183,12 @@ def _validate(args) -> int:
 
 
 def _prep(args) -> int:
-    from pipeline.data.prep import PrepError, run_prep
+    from pipeline.data.prep import run_prep
 
     spec = _load(args)
     if spec.prep is None:
         raise SpecError(f"{args.spec}: prep: this job spec has no prep section")
-    try:
-        manifest = run_prep(spec.prep, ray_address=args.address)
-    except PrepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    manifest = run_prep(spec.prep, ray_address=args.address)
     totals, run = manifest["totals"], manifest["run"]
     print(
         f"prep done: {totals['samples_out']} of {totals['samples_in']} samples kept in "
@@ -198,16 +199,12 @@ def _prep(args) -> int:
 
 
 def _train(args) -> int:
-    from pipeline.train.run import TrainError, run_training
+    from pipeline.train.run import run_training
 
     spec = _load(args)
     if not spec.is_training:
         raise SpecError(f"{args.spec}: run: this job spec has no training sections")
-    try:
-        summary = run_training(spec)
-    except TrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    summary = run_training(spec)
     for stage in summary["stages"]:
         losses = {k: round(v, 4) for k, v in (stage.get("final_metrics") or {}).items() if k.startswith("loss")}
         print(f"stage {stage['stage']}: {stage['step']} steps, {stage['samples_seen']} samples, "
@@ -218,7 +215,6 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from pipeline.eval.heldout import EvalError
     from pipeline.eval.run import HEADLINE, EvalRequest, run_eval
     from pipeline.spec.storage import StorageSpec
 
@@ -231,11 +227,7 @@ def _eval(args) -> int:
         examples=args.examples, ray_address=args.address,
         storage=StorageSpec(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
     )
-    try:
-        report = run_eval(request)
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    report = run_eval(request)
     metrics = report["metrics"]
     print(f"{report['stage']} step {report['step']} on {report['samples']} samples: " + ", ".join(
         f"{name} {metrics[name]:.4f}" for name in HEADLINE if name in metrics))
@@ -244,34 +236,25 @@ def _eval(args) -> int:
 
 
 def _submit(args) -> int:
-    from pipeline.submit import SubmitError, SubmitRequest, submit
+    from pipeline.submit import SubmitRequest, submit
 
-    request = SubmitRequest(
+    return submit(SubmitRequest(
         spec_path=args.spec, address=args.address, overrides=args.overrides,
         working_dir=args.working_dir, wait=args.wait, pip=args.pip, env=args.env,
         resume=args.resume,
-    )
-    try:
-        return submit(request)
-    except SubmitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    ))
 
 
 def _jobs(args) -> int:
     from pipeline import submit
 
-    try:
-        if args.action == "list":
-            return submit.list_jobs(args.address)
-        if args.action == "status":
-            return submit.job_status(args.address, args.id)
-        if args.action == "logs":
-            return submit.job_logs(args.address, args.id, follow_logs=args.follow)
-        return submit.stop_job(args.address, args.id)
-    except submit.SubmitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    if args.action == "list":
+        return submit.list_jobs(args.address)
+    if args.action == "status":
+        return submit.job_status(args.address, args.id)
+    if args.action == "logs":
+        return submit.job_logs(args.address, args.id, follow_logs=args.follow)
+    return submit.stop_job(args.address, args.id)
 
 
 def _demo_corpus(args) -> int:
@@ -331,7 +314,7 @@ def _export_command(commands) -> None:
 def _export(args) -> int:
     import transformers
 
-    from pipeline.export import ExportError, export_checkpoint
+    from pipeline.export import export_checkpoint
     from pipeline.io.storage import storage_options
     from pipeline.spec.storage import StorageSpec
 
@@ -339,14 +322,10 @@ def _export(args) -> int:
     transformers.logging.disable_progress_bar()
     storage = StorageSpec(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile,
                           anon=args.anon)
-    try:
-        result = export_checkpoint(
-            args.checkpoint, args.out_dir, stage=args.stage, export_format=args.export_format,
-            storage_options=storage_options(storage, args.checkpoint), overwrite=args.overwrite,
-        )
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    result = export_checkpoint(
+        args.checkpoint, args.out_dir, stage=args.stage, export_format=args.export_format,
+        storage_options=storage_options(storage, args.checkpoint), overwrite=args.overwrite,
+    )
     record = result.record
     if record["format"] == "transformers":
         print(f"exported {record['transformers_class']} to {result.out_dir}: load it with "
@@ -360,11 +339,9 @@ def _export(args) -> int:
 def _bench_quality(args) -> int:
     from pipeline.bench.quality import run_quality_benchmark
     from pipeline.eval.heldout import EvalError
-    from pipeline.train.run import TrainError
 
     try:
         results = run_quality_benchmark(args.spec, args.overrides, fresh=args.fresh)
-    except (TrainError, EvalError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    except EvalError as err:  # the benchmark's own evaluation failed after training: exit 1, not 2
+        raise QformerError(str(err)) from None
     return 0 if all(results["passed"].values()) else EXIT_FAILED

@@ -5,9 +5,10 @@ The model section is :class:`pipeline.spec.model.ModelSpec`.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.spec.base import SpecModel
 from pipeline.spec.losses import LossName, Objective, objective_of
@@ -92,7 +93,45 @@ class DeepSpeedSpec(SpecModel):
     gradient_clipping: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 disables it."""
     overrides: dict[str, Any] = Field(default_factory=dict)
-    """Raw DeepSpeed config entries merged over the generated config (expert use)."""
+    """Raw DeepSpeed config entries merged over the generated config (expert use). Copied
+    into every checkpoint's metadata and every submitted spec, so values under keys that look
+    like secrets (``api_key``, ``token``, ``password``, ...) are refused."""
+
+    @field_validator("overrides")
+    @classmethod
+    def _no_secrets(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        for path, key, value in _leaves(overrides, [], ""):
+            if _looks_secret(key) and value not in (None, "") and not isinstance(value, bool):
+                raise ValueError(
+                    f"{'.'.join(path)}: looks like a secret; the overrides are copied into every "
+                    "checkpoint and submitted spec: give secrets to the job as environment "
+                    "variables instead")
+        return overrides
+
+
+# Words of a key (split at _ - . and camelCase) that name a secret, alone or as a pair.
+_SECRET_WORDS = frozenset({"token", "password", "passwd", "passphrase", "secret", "credential",
+                           "credentials", "apikey"})
+_SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"),
+                           ("secret", "key"), ("auth", "key")})
+
+
+def _looks_secret(key: str) -> bool:
+    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", key)]
+    return bool(_SECRET_WORDS.intersection(words)) or any(
+        pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
+def _leaves(node: Any, path: list[str], key: str):
+    """(path, nearest mapping key, value) of every scalar in nested mappings and lists."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _leaves(value, [*path, str(name)], str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, [*path, str(index)], key)
+    else:
+        yield path, key, node
 
 
 class OptimizerSpec(SpecModel):

@@ -1,12 +1,18 @@
 """Every file in ``cluster/``, loaded and checked against what the tools that read it expect.
 
 - every YAML parses (all documents of it), and every key carries a comment;
-- Ray cluster launcher configs pass the launcher's own preparation and schema validation
-  (what ``ray up`` runs first) and have what this project needs: a head node type, GPU counts
-  on GPU nodes, the repository synced by ``file_mounts``, torch installed before the project;
-- KubeRay manifests (``ray.io/v1`` RayCluster / RayJob): head and worker groups with
-  containers, GPU limits on GPU workers, S3 credentials only through ``secretKeyRef``, a RayJob
-  that shuts its cluster down and whose entrypoint survives KubeRay's shell line;
+- Ray cluster launcher configs validate against the schema that ships inside Ray
+  (``ray/autoscaler/ray-schema.json``), pass the launcher's own preparation and checks (what
+  ``ray up`` runs first) and have what this project needs: GPU counts on GPU nodes, the
+  repository synced by ``file_mounts``, torch installed before the project;
+- KubeRay manifests (``ray.io/v1`` RayCluster / RayJob) validate against KubeRay's CRD schemas,
+  strictly (an unknown field is an error, as ``kubectl apply`` makes it): the CRDs are not
+  shipped here but read from ``shared/`` beside the repository (see ``KUBERAY_CRDS``), and
+  those checks skip with a message where it lacks them. Beyond the schema: GPU limits on GPU
+  workers, S3 credentials only through ``secretKeyRef``, images under tags never reused, a
+  RayJob that shuts its cluster down and whose entrypoint survives KubeRay's shell line;
+- every cluster has Ray's token authentication on and keeps its dashboard off public
+  interfaces;
 - every ``qformer train|prep SPEC.yaml`` in any cluster file names a job spec in ``jobs/`` that
   validates (a training spec for ``train``, a prep spec for ``prep``);
 - no credentials anywhere: no AWS access key IDs, no secret-key values but placeholders;
@@ -276,27 +282,57 @@ def _has_gpus(config: dict) -> bool:
     return any(t["resources"].get("GPU", 0) for t in config["available_node_types"].values())
 
 
+def _schema_errors(validator, instance) -> list[str]:
+    """Every schema violation of ``instance``, as ``field.path: message``."""
+    return [f"{'.'.join(map(str, error.absolute_path)) or '(top level)'}: {error.message}"
+            for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.path)))]
+
+
+@pytest.fixture(scope="module")
+def launcher_schema():
+    """The launcher's schema, as Ray ships it (``ray up`` validates against it)."""
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=_ids(LAUNCHER))
+def test_launcher_config_matches_rays_schema(path, launcher_schema):
+    """The file as written: required keys, no unknown ones, the types of every field."""
+    errors = _schema_errors(launcher_schema, _launcher(path))
+    assert not errors, f"{_rel(path)}:\n" + "\n".join(errors)
+
+
+def test_the_launcher_schema_catches_mistakes(launcher_schema):
+    config = copy.deepcopy(_launcher(LAUNCHER[0]))
+    config["max_worker"] = config.pop("max_workers")  # misspelt
+    del config["provider"]["type"]
+    next(iter(config["available_node_types"].values()))["resources"]["CPU"] = "16"
+    errors = _schema_errors(launcher_schema, config)
+    assert any("max_worker" in e for e in errors)
+    assert any(e.startswith("provider: 'type' is a required property") for e in errors)
+    assert any(e.endswith(".resources.CPU: '16' is not of type 'integer'") for e in errors)
+
+
 @pytest.mark.parametrize("path", LAUNCHER, ids=_ids(LAUNCHER))
 def test_launcher_config_passes_ray_validation(path):
-    config = _prepared(path)
-    assert config["cluster_name"]
-    assert config["provider"]["type"]
-    assert config["head_node_type"] in config["available_node_types"]
+    """What ``ray up`` checks beyond the schema (the head node type is one of the node types,
+    max_workers holds every type's min_workers) after filling in its defaults."""
+    _prepared(path)
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=_ids(LAUNCHER))
 def test_launcher_config_has_what_the_project_needs(path):
     config = _launcher(path)
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type",
-                "max_workers", "idle_timeout_minutes", "setup_commands", "file_mounts",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in ("available_node_types", "head_node_type", "max_workers", "idle_timeout_minutes",
+                "setup_commands", "file_mounts", "head_start_ray_commands",
+                "worker_start_ray_commands"):
         assert key in config, f"{_rel(path)}: no {key}"
-    assert config["provider"].get("type"), "provider.type"
     types = config["available_node_types"]
-    assert config["head_node_type"] in types
     assert len(types) >= 2, "a head node type and at least one worker node type"
     for name, node in types.items():
-        assert node.get("node_config") and isinstance(node.get("resources"), dict), name
         instance = node["node_config"].get("InstanceType", "")
         cpus, gpus = INSTANCES.get(instance, (None, None))
         declared_gpus = node["resources"].get("GPU", 0)
@@ -308,8 +344,6 @@ def test_launcher_config_has_what_the_project_needs(path):
             if declared_gpus:
                 assert declared_gpus == gpus, f"{name}: {instance} has {gpus} GPUs"
             assert node["resources"].get("CPU", 0) <= cpus, f"{name}: {instance} has {cpus} vCPUs"
-    workers = [t for n, t in types.items() if n != config["head_node_type"]]
-    assert config["max_workers"] >= sum(t.get("min_workers", 0) for t in workers)
     head_start = " ".join(config["head_start_ray_commands"])
     assert "ray start --head" in head_start
     assert "ray start --address=$RAY_HEAD_IP:" in " ".join(config["worker_start_ray_commands"])
@@ -353,6 +387,23 @@ def test_launcher_image_matches_the_pinned_ray(path):
     assert re.fullmatch(flavour, image.rsplit("-", 1)[1]), f"{image}: a {flavour} image"
 
 
+@pytest.mark.parametrize("path", LAUNCHER, ids=_ids(LAUNCHER))
+def test_launcher_cluster_has_token_auth_and_a_private_dashboard(path):
+    """Every Ray process of every node runs with RAY_AUTH_MODE=token and finds the cluster's
+    token where Ray looks by default; the dashboard stays on the head's localhost (reached
+    through ``ray dashboard``'s SSH tunnel)."""
+    config = _launcher(path)
+    run_options = " ".join(config.get("docker", {}).get("run_options", []))
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert re.search(r"(--env|-e)[ =]RAY_AUTH_MODE=token\b", run_options) or all(
+        "RAY_AUTH_MODE=token" in command for command in starts if "ray start" in command), \
+        "RAY_AUTH_MODE=token for every node (docker run_options, or each `ray start`)"
+    assert "~/.ray/auth_token" in config["file_mounts"], \
+        "the token synced to every node (file_mounts ~/.ray/auth_token)"
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", " ".join(config["head_start_ray_commands"]))
+    assert set(hosts) <= {"127.0.0.1", "localhost"}, f"dashboard on {hosts}: keep it on localhost"
+
+
 GPU_LAUNCHER = [p for p in LAUNCHER if _has_gpus(_launcher(p))]
 
 
@@ -371,28 +422,18 @@ def test_gpu_launcher_cluster_holds_the_training_jobs_it_names(path):
 
 # ---------------------------------------------------------------- KubeRay
 
-# Fields of KubeRay's ray.io/v1 API (ray-operator/apis/ray/v1); a misspelt one is dropped by
-# the API server or rejected by the CRD's schema.
-RAYCLUSTER_SPEC = {
-    "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
-    "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy",
-    "gcsFaultToleranceOptions", "upgradeStrategy", "authOptions",
+KUBERAY_CRDS = Path(os.environ.get("QFORMER_KUBERAY_CRDS",
+                                   REPO.parent / "shared" / "assets" / "kuberay-crds"))
+"""KubeRay's CRDs, as ray-project/kuberay v1.6.2 (commit 598eb66a) ships them in
+helm-chart/kuberay-operator/crds/ (the first release with ``authOptions.secretName`` in both
+kinds' schema that this project relies on). Not in this repository: fetched material lives in
+``shared/`` beside it; ``QFORMER_KUBERAY_CRDS`` names another folder holding the same files."""
+KUBERAY_CRD_FILES = {
+    "RayCluster": ("ray.io_rayclusters.yaml",
+                   "1d51d8c4ce065b22c2069af0ebd72ae25f4a6968e5c5f93a3106ba6fc35bcc1d"),
+    "RayJob": ("ray.io_rayjobs.yaml",
+               "ecae45d9a5dc1be68f1074ba784c495ef9d439d295253b61e1bd51f7b08522f5"),
 }
-RAYJOB_SPEC = {
-    "entrypoint", "runtimeEnvYAML", "jobId", "shutdownAfterJobFinishes",
-    "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec",
-    "submitterPodTemplate", "submitterConfig", "metadata", "clusterSelector", "submissionMode",
-    "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "suspend", "managedBy",
-    "deletionStrategy",
-}
-HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType",
-              "resources", "labels"}
-WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
-                "rayStartParams", "template", "scaleStrategy", "numOfHosts", "suspend",
-                "resources", "labels"}
-AUTOSCALER_OPTIONS = {"resources", "image", "imagePullPolicy", "securityContext",
-                      "idleTimeoutSeconds", "upscalingMode", "version", "env", "envFrom",
-                      "volumeMounts"}
 CREDENTIAL_VARS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 SHELL_OPERATORS = re.compile(r"&&|\|\||[;|&<>`]|\$\(")
 
@@ -437,30 +478,92 @@ def test_kubernetes_objects_are_known_kinds(path):
         assert doc["metadata"]["name"]
 
 
+def _strict(schema):
+    """``schema`` with unknown fields refused where it lists the known ones, as the API server
+    does under ``kubectl apply``'s default strict field validation (a CRD schema alone lets
+    them through: the server prunes or refuses them, and a validator would accept them)."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        strict["additionalProperties"] = False
+    return strict
+
+
+@pytest.fixture(scope="module")
+def kuberay_schemas() -> dict:
+    """kind -> a validator of KubeRay's ray.io/v1 schema for it (strict)."""
+    import hashlib
+
+    import jsonschema
+
+    validators = {}
+    for kind, (name, sha256) in KUBERAY_CRD_FILES.items():
+        path = KUBERAY_CRDS / name
+        if not path.is_file():
+            pytest.skip(f"no {path}: put KubeRay v1.6.2's helm-chart/kuberay-operator/crds/{name} "
+                        "there (or point QFORMER_KUBERAY_CRDS at it) to validate the manifests")
+        text = path.read_bytes()
+        assert hashlib.sha256(text).hexdigest() == sha256, f"{path} is not KubeRay v1.6.2's"
+        crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        validators[kind] = jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return validators
+
+
 @pytest.mark.parametrize("path, doc", KUBERAY, ids=KUBERAY_IDS)
-def test_kuberay_fields_are_the_operators(path, doc):
-    assert doc["apiVersion"] == "ray.io/v1"
-    fields = RAYJOB_SPEC if doc["kind"] == "RayJob" else RAYCLUSTER_SPEC
-    assert set(doc["spec"]) <= fields, set(doc["spec"]) - fields
+def test_kuberay_manifest_matches_the_crd_schema(path, doc, kuberay_schemas):
+    """Every field known to KubeRay v1.6 (or to the Kubernetes pod spec inside), of its type:
+    a misspelt field, a number where a string map is wanted (rayStartParams), a missing
+    groupName all fail here as they would at ``kubectl apply``."""
+    errors = _schema_errors(kuberay_schemas[doc["kind"]], doc)
+    assert not errors, f"{_rel(path)} ({doc['kind']}):\n" + "\n".join(errors)
+
+
+def test_the_kuberay_schema_catches_mistakes(kuberay_schemas):
+    doc = copy.deepcopy(next(d for _, d in KUBERAY if d["kind"] == "RayCluster"))
+    doc["spec"]["enableInTreeAutoScaling"] = doc["spec"].pop("enableInTreeAutoscaling")
+    doc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    doc["spec"]["authOptions"]["mode"] = "password"
+    del doc["spec"]["workerGroupSpecs"][0]["groupName"]
+    errors = _schema_errors(kuberay_schemas["RayCluster"], doc)
+    assert any("'enableInTreeAutoScaling' was unexpected" in e for e in errors), errors
+    assert any(e.startswith("spec.headGroupSpec.rayStartParams.num-cpus: 0 is not of type 'string'")
+               for e in errors), errors
+    assert any(e.startswith("spec.authOptions.mode: 'password' is not one of") for e in errors)
+    assert any(e.startswith("spec.workerGroupSpecs.0: 'groupName' is a required property")
+               for e in errors), errors
+
+
+@pytest.mark.parametrize("path, doc", KUBERAY, ids=KUBERAY_IDS)
+def test_kuberay_groups_fit_the_project(path, doc):
     spec = _cluster_spec(doc)
-    assert set(spec) <= RAYCLUSTER_SPEC, set(spec) - RAYCLUSTER_SPEC
-    assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS
     assert spec["rayVersion"] == _pinned_ray(), "rayVersion: the Ray in the image"
-    head = spec["headGroupSpec"]
-    assert set(head) <= HEAD_GROUP, set(head) - HEAD_GROUP
     groups = spec["workerGroupSpecs"]
     assert groups, "at least one worker group"
-    for group in [head, *groups]:
-        # rayStartParams is map[string]string: a YAML number or bool is refused by the CRD.
-        assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values())
-        assert _containers(group), "a group needs containers"
-        for container in _containers(group):
-            assert container["name"] and container["image"]
     for group in groups:
-        assert set(group) <= WORKER_GROUP, set(group) - WORKER_GROUP
-        assert {"groupName", "minReplicas", "maxReplicas", "template"} <= set(group)
         replicas = group.get("replicas", group["minReplicas"])
         assert group["minReplicas"] <= replicas <= group["maxReplicas"], group["groupName"]
+
+
+@pytest.mark.parametrize("path, doc", KUBERAY, ids=KUBERAY_IDS)
+def test_kuberay_cluster_has_token_auth_and_a_private_dashboard(path, doc):
+    """Ray's token authentication with the token from a Secret shipped (as an example) here;
+    the head's Service only inside the Kubernetes cluster."""
+    spec = _cluster_spec(doc)
+    auth = spec.get("authOptions", {})
+    assert auth.get("mode") == "token", "authOptions.mode: token"
+    secret = _secrets().get(auth.get("secretName"))
+    assert secret, f"authOptions.secretName {auth.get('secretName')!r}: no such Secret in cluster/kuberay"
+    assert "auth_token" in {**secret.get("stringData", {}), **secret.get("data", {})}, \
+        "KubeRay reads the token from the Secret's key auth_token"
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", "no NodePort or LoadBalancer"
+    assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+    assert not head.get("enableIngress"), "no Ingress to the dashboard"
 
 
 @pytest.mark.parametrize("path, doc", KUBERAY, ids=KUBERAY_IDS)
@@ -510,8 +613,20 @@ def test_kuberay_jobs_run_from_the_image_project_dir(path, doc):
     assert workdir in {_dockerfile_workdir(p) for p in DOCKERFILES}
     images = {c["image"] for _, d in KUBERAY for g in _groups(d) for c in _containers(g)}
     assert len(images) == 1, f"one project image everywhere, not {images}"
-    assert images.pop().endswith(":" + _pyproject()["project"]["version"]), \
-        "the image tag names the project version it was built from"
+
+
+def test_kuberay_images_are_never_a_reused_tag():
+    """A rebuilt image under an old tag is not pulled by nodes holding the old one
+    (``imagePullPolicy: IfNotPresent``): the image is pinned by digest, or its tag is the
+    project version plus a build id; cluster/README.md says how to set it."""
+    version = re.escape(_pyproject()["project"]["version"])
+    for path, doc in KUBERAY:
+        for group in _groups(doc):
+            for container in _containers(group):
+                image = container["image"]
+                assert re.fullmatch(rf"[^@\s]+@sha256:[0-9a-f]{{64}}|[^:@\s]+(:[^:@\s]+)?:{version}-[\w.-]+",
+                                    image), f"{_rel(path)}: {image}: VERSION-BUILD tag or @sha256 digest"
+    assert "docker inspect --format '{{index .RepoDigests 0}}'" in (CLUSTER / "README.md").read_text()
 
 
 def _groups(doc: dict) -> list[dict]:
@@ -634,27 +749,44 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_local_multinode_script_starts_and_stops_its_own_nodes():
-    """A head and one worker with 1 CPU each: two alive nodes, 2 CPUs; `stop` ends them."""
+def test_local_multinode_script_starts_and_stops_its_own_nodes(tmp_path):
+    """From an empty HOME, with token authentication (the script's default): it creates the
+    token, starts a head and one worker with 1 CPU each (two alive nodes, 2 CPUs) that refuse
+    requests without the token and serve `qformer jobs` with it; `stop` ends them."""
+    import requests
+
     script = CLUSTER / "local-multinode.sh"
     state = Path(tempfile.mkdtemp(prefix="qfr", dir="/tmp"))  # short: Ray's socket paths
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_PORT=str(port), DASHBOARD_PORT=str(_free_port()), STATE_DIR=str(state),
-               RAY_AUTH_MODE="disabled", PYTHON=sys.executable)
+    home = tmp_path / "home"  # a fresh machine's: no ~/.ray/auth_token (the real one untouched)
+    home.mkdir()
+    port, dashboard = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                        "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_PORT=str(port), DASHBOARD_PORT=str(dashboard), STATE_DIR=str(state),
+               HOME=str(home), PYTHON=sys.executable)
     pids: list[int] = []
     try:
         started = subprocess.run([str(script), "start", "1", "1"], env=env, capture_output=True,
                                  text=True, timeout=300)
         assert started.returncode == 0, started.stdout + started.stderr
+        assert "created a Ray token in ~/.ray/auth_token" in started.stdout
+        token = (home / ".ray" / "auth_token").read_text().strip()
         assert f"address:   127.0.0.1:{port}" in started.stdout
         pids = [int(line.split()[0]) for line in (state / "pids").read_text().splitlines()]
         assert len(pids) == 2 and all(_alive(pid) for pid in pids)
         probe = ("import json, ray; ray.init(logging_level='ERROR'); "
                  "print(json.dumps([n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']]))")
-        nodes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                               timeout=120, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        nodes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                               env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"})
         assert json.loads(nodes.stdout.strip().splitlines()[-1]) == [1.0, 1.0], nodes.stderr
+        version = f"http://127.0.0.1:{dashboard}/api/version"
+        assert requests.get(version, timeout=10).status_code == 401
+        assert requests.get(version, headers={"Authorization": f"Bearer {token}"}, timeout=10).ok
+        jobs = subprocess.run([sys.executable, "-m", "pipeline", "jobs", "list", "--address",
+                               f"http://127.0.0.1:{dashboard}"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert jobs.returncode == 0 and jobs.stdout.startswith("SUBMISSION ID"), jobs.stderr
         again = subprocess.run([str(script), "start"], env=env, capture_output=True, text=True)
         assert again.returncode == 1 and "stop it first" in again.stderr
     finally:

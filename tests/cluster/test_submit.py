@@ -1,8 +1,9 @@
 """``qformer submit`` and ``qformer jobs`` against a real Ray head through its dashboard.
 
-One head (``ray start --head``) serves the file: a prep job prepares a small demo corpus, the
-tiny demo curriculum trains on it, is refused a silent re-run and resumed under a new id, and a
-job with a missing input fails with its reason in the logs.
+One head (``ray start --head``, token authentication off; ``test_submit_auth.py`` has it on)
+serves the file: a prep job prepares a small demo corpus, the tiny demo curriculum trains on it,
+is refused a silent re-run and resumed under a new id, and a job with a missing input fails with
+its reason in the logs. The tests that need the head are marked slow.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def test_unreachable_address_is_one_line_error(prep_spec):
         assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_prep_job_succeeds_through_submit(ray_head, prep_spec, prep_job, capsys):
     code, out, err = prep_job.returncode, prep_job.stdout, prep_job.stderr
     assert code == 0, err + out
@@ -116,7 +118,10 @@ def test_prep_job_succeeds_through_submit(ray_head, prep_spec, prep_job, capsys)
     code, status, _ = qformer(capsys, "jobs", "status", job_id, "--address", ray_head.address)
     assert code == 0 and "status:     SUCCEEDED" in status and "SECRET_TOKEN" in status
 
-    # The secret reached the job's environment and nothing the CLI printed or uploaded.
+    # The value reached the job's environment and nothing the CLI printed or uploaded; it is
+    # where the Jobs API shows it to whoever can list jobs, as submit warns.
+    assert ("submit: warning: --env HF_HUB_OFFLINE, SECRET_TOKEN: the values are stored in the "
+            "job's runtime_env, which the Ray Jobs API and dashboard show to anyone") in err
     info = client(ray_head).get_job_info(job_id)
     assert info.runtime_env["env_vars"]["SECRET_TOKEN"] == SECRET
     assert SECRET not in out + err + status
@@ -132,6 +137,7 @@ def test_prep_job_succeeds_through_submit(ray_head, prep_spec, prep_job, capsys)
         assert not (uploaded[0] / excluded).exists(), excluded
 
 
+@pytest.mark.slow
 def test_tiny_demo_trains_through_submit_then_resumes_only_when_asked(
         ray_head, prep_spec, prep_job, tmp_path, capsys):
     assert prep_job.returncode == 0
@@ -166,6 +172,7 @@ def test_tiny_demo_trains_through_submit_then_resumes_only_when_asked(
     assert code == 0 and "was not running (SUCCEEDED)" in err
 
 
+@pytest.mark.slow
 def test_failing_job_reports_failed_with_its_reason(ray_head, tmp_path, capsys):
     empty = tmp_path / "no-manifest"
     empty.mkdir()
@@ -183,6 +190,7 @@ def test_failing_job_reports_failed_with_its_reason(ray_head, tmp_path, capsys):
     assert code == 0 and "not found; run `qformer prep`" in logs
 
 
+@pytest.mark.slow
 def test_unknown_job_id_is_one_line_error(ray_head, capsys):
     for action in ("status", "logs", "stop"):
         code, out, err = qformer(capsys, "jobs", action, "no-such-job", "--address", ray_head.address)

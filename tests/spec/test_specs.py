@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -148,3 +149,76 @@ def test_prep_with_missing_inputs_exits_2(tmp_path):
     )
     assert result.returncode == 2
     assert "matches no file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_spec_that_is_not_utf8_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(yaml.safe_dump(MINIMAL).encode().replace(b"out", "caf\u00e9".encode("latin-1")))
+    with pytest.raises(SpecError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        load_spec(path, JobSpec)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("prep:\n  inputs: [a.tar\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path, JobSpec)
+    assert "broken.yaml: not valid YAML (line 3, column 1): expected ','" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("prep:\n  output: a\n  output: b\n", "prep.output: duplicate key (lines 2 and 3)"),
+    ("prep:\n  filters: {min_side: 3, min_side: 5}\n", "prep.filters.min_side: duplicate key (lines 2 and 2)"),
+    ("stages:\n  - name: a\n    steps: 1\n    steps: 2\n", "stages.0.steps: duplicate key (lines 3 and 4)"),
+    ("prep: {}\nprep: {}\n", "prep: duplicate key (lines 1 and 2)"),
+], ids=["nested", "flow", "in-list", "top"])
+def test_duplicate_keys_are_refused_with_the_field_path(tmp_path, text, where):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=re.escape(f"dup.yaml: {where}")):
+        load_spec(path, JobSpec)
+
+
+def test_anchors_and_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("prep:\n  inputs: [a.tar]\n  output: out\n"
+                    "  tokenizers:\n    qformer: &tok {name: bert-base-uncased, max_length: 16}\n"
+                    "    llm:\n      <<: *tok\n      max_length: 24\n")
+    spec = load_spec(path, JobSpec)
+    assert spec.prep.tokenizers.llm.name == "bert-base-uncased"
+    assert spec.prep.tokenizers.llm.max_length == 24
+
+
+def test_a_single_value_for_a_list_field_is_a_list_of_one(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    spec = load_spec(path, JobSpec, ["prep.inputs=/data/*.tar", "prep.filters.blocklist=spam",
+                                      "prep.image.size=96"])
+    assert spec.prep.inputs == ["/data/*.tar"]
+    assert spec.prep.filters.blocklist == ["spam"]
+    assert spec.prep.image.size == 96  # not a list field: unchanged
+    spec = load_spec(path, JobSpec, ["prep.inputs=[a.tar, b.tar]"])
+    assert spec.prep.inputs == ["a.tar", "b.tar"]
+
+
+@pytest.mark.parametrize("key", ["api_key", "wandb.api_key", "hf_token", "comet.apiKey", "password",
+                                 "aws.secret_access_key", "auth.token"])
+def test_deepspeed_overrides_refuse_secret_looking_keys(tmp_path, key, capsys):
+    path = REPO / "jobs" / "demo_tiny.yaml"
+    with pytest.raises(SpecError, match=re.escape(f"deepspeed.overrides: {key}: looks like a secret")):
+        load_spec(path, JobSpec, [f"deepspeed.overrides.{key}=abc123"])
+    assert main(["validate", str(path), "--set", f"deepspeed.overrides.{key}=abc123"]) == 2
+    assert "abc123" not in capsys.readouterr().err
+
+
+def test_deepspeed_overrides_keep_ordinary_keys():
+    spec = load_spec(REPO / "jobs" / "demo_tiny.yaml", JobSpec, [
+        "deepspeed.overrides.wandb.enabled=true", "deepspeed.overrides.steps_per_print=10",
+        "deepspeed.overrides.data_efficiency.data_routing.random_ltd.total_layer_tokens=5",
+        "deepspeed.overrides.data_efficiency.data_routing.random_ltd.layer_token_lr_schedule.enabled=false",
+    ])
+    assert spec.deepspeed.overrides["steps_per_print"] == 10
