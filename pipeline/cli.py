@@ -14,10 +14,8 @@ import logging
 import os
 import sys
 
-from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError
+from pipeline.errors import EXIT_FAILED, QformerError
 from pipeline.spec import JobSpec, SpecError, load_spec
-
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:

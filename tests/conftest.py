@@ -18,6 +18,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+RAY_FIXTURES = frozenset({"ray_2cpus", "ray_head"})
+"""Fixtures that start Ray: every test that uses one, directly or through another fixture, is slow."""
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_2cpus():
     """A real local Ray with 2 CPUs, shared by the whole session."""

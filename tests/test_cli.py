@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 @pytest.mark.parametrize("argv, status, message", [
     (["validate", "{tmp}/missing.yaml"], 2, "error: {tmp}/missing.yaml: cannot read: No such file"),
-    (["eval", "{tmp}/none", "--data", "{tmp}/none"], 2, "error: checkpoint: {tmp}/none: no such folder"),
+    (["eval", "{tmp}/none", "--data", "{tmp}/none"], 2, "error: {tmp}/none: no such folder"),
     (["export", "{tmp}/none", "{tmp}/out"], 2, "error: {tmp}/none: no such folder"),
     (["jobs", "list", "--address", "http://127.0.0.1:{port}"], 2,
      "error: cannot reach the Ray dashboard at http://127.0.0.1:{port}: connection refused"),

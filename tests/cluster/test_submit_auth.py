@@ -20,7 +20,7 @@ import yaml
 
 from pipeline.data.demo_corpus import write_demo_corpus
 from tests.cluster.conftest import AUTH_AND_ADDRESS_VARS
-from tests.conftest import REPO, demo_prep_spec
+from tests.helpers import REPO, demo_prep_spec
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from pipeline.cli import EXIT_USAGE, main
+from pipeline.cli import main
+from pipeline.errors import EXIT_USAGE
 
 from tests.export.helpers import model_section, train_and_checkpoint
 
