@@ -22,6 +22,7 @@ from pipeline.io.storage import Location
 STATS_SUFFIX = ".stats.json"
 SHARD_SUFFIX = ".parquet"
 WORK_DIR = "_work"
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def plan_tasks(sources: list[Location], output_dir: Location) -> list[ShardTask]
 
 def _stem(url: str) -> str:
     base = posixpath.basename(url)
-    for suffix in (".tar.gz", ".tgz", ".tar"):
+    for suffix in TAR_SUFFIXES:
         if base.endswith(suffix):
             base = base[: -len(suffix)]
             break
