@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from pipeline.errors import QformerError
 from pipeline.spec import JobSpec, SpecError, load_spec
 
 EXIT_FAILED = 1
@@ -26,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.handler(args)
-    except SpecError as err:
+    except QformerError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     prep = commands.add_parser("prep", help="preprocess raw WebDataset shards (the prep section)")
     _spec_arguments(prep)
     prep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    prep.add_argument("--max-failed-shards", type=int, default=None, metavar="N",
+                      help="succeed with up to N failed shards (named; retried by the next run); "
+                           "sets prep.execution.max_failed_shards")
     prep.set_defaults(handler=_prep)
 
     train = commands.add_parser("train", help="run (or resume) a staged pretraining job")
@@ -178,23 +182,25 @@ def _validate(args) -> int:
 
 
 def _prep(args) -> int:
-    from pipeline.data.prep import PrepError, run_prep
+    from pipeline.data.prep import describe_failures, run_prep
 
+    if args.max_failed_shards is not None:
+        args.overrides.append(f"prep.execution.max_failed_shards={args.max_failed_shards}")
     spec = _load(args)
     if spec.prep is None:
         raise SpecError(f"{args.spec}: prep: this job spec has no prep section")
-    try:
-        manifest = run_prep(spec.prep, ray_address=args.address)
-    except PrepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    totals, run = manifest["totals"], manifest["run"]
+    manifest = run_prep(spec.prep, ray_address=args.address)
+    totals, run, failed = manifest["totals"], manifest["run"], manifest["failed_shards"]
     print(
         f"prep done: {totals['samples_out']} of {totals['samples_in']} samples kept in "
         f"{totals['shards']} shards; dropped {totals['dropped']} {manifest['drops']}; "
         f"{run['samples_per_s']} samples/s; manifest: {spec.prep.output}/manifest.json"
     )
-    return EXIT_FAILED if manifest["failed_shards"] else 0
+    if failed:
+        print(f"{len(failed)} failed shards accepted (--max-failed-shards "
+              f"{spec.prep.execution.max_failed_shards}), retried by the next run: "
+              f"{describe_failures(failed)}")
+    return 0
 
 
 def _train(args) -> int:

@@ -120,6 +120,14 @@ class PrepExecutionSpec(SpecModel):
     dedup_driver_max_rows: int = Field(2_000_000, ge=0)
     """Corpora with at most this many indexed samples are deduplicated in the driver process
     (about 100 bytes a sample), skipping the shuffle's start-up; 0 always shuffles."""
+    max_failed_shards: int = Field(0, ge=0)
+    """Shards that may fail (unreadable, storage errors after retries) with the run still
+    succeeding; they are named either way, never marked complete, and retried by the next run.
+    ``qformer prep --max-failed-shards N`` sets it."""
+    lease_stale_after_s: float = Field(300.0, gt=0)
+    """One run at a time writes an output folder (``OUTPUT/_lease.json``); another run's lease
+    is taken over when its heartbeat is older than this (at once if its process on this host is
+    gone)."""
 
 
 class PrepSpec(SpecModel):
