@@ -182,7 +182,8 @@ def _process_alive(pid: int, started: float) -> bool:
 def _held_message(folder: Location, record: dict, stale_after_s: float) -> str:
     age = time.time() - float(record["heartbeat"])
     return (
-        f"{folder.url} is in use by {record.get('purpose', 'another run')} of {record['owner']} "
+        f"{folder.url} is in use by {record.get('purpose', 'another run')} of "
+        f"{record.get('owner', 'an unknown owner')} "
         f"(started {record.get('started_utc', '?')}, last heartbeat {age:.0f} s ago); one run at a "
         f"time writes a folder: wait for it, stop it, or, if it is dead on another host, re-run "
         f"once its heartbeat is {stale_after_s:g} s old"
@@ -298,7 +299,7 @@ class _S3Store:
     def read(self) -> tuple[dict, str] | None:
         from fsspec.asyn import sync
 
-        async def get():
+        async def get():  # one GET for the body and its ETag (cat_file gives no ETag)
             response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
             try:
                 return await response["Body"].read(), response["ETag"]
