@@ -89,9 +89,12 @@ def baseline(shards: list[str], out_dir: Path) -> int:
 
 def run_prep_benchmark(samples: int, image_side: int, shards: int, workdir: str | None) -> dict:
     """Build the corpus, time both paths in this one run, print and return the figures."""
+    from pipeline.assets import resolve_tokenizer
     from pipeline.data.prep import run_prep
     from pipeline.ray_runtime import cluster_cpus, ensure_ray
 
+    for tokenizer in (TOKENIZERS.qformer, TOKENIZERS.llm):  # a missing package: fail before any work
+        resolve_tokenizer(tokenizer.name)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qformer-bench-prep-"))
     try:
         print(f"bench prep: writing {samples} samples of {image_side * 4 // 3}x{image_side} JPEG "

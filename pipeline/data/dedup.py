@@ -8,12 +8,17 @@
 3. Each shard processor reads only its own partition.
 
 The result depends only on the corpus and the spec, so a resumed run drops exactly the same
-copies as an uninterrupted one.
+copies as an uninterrupted one. One exception: a shard that could not be read when the
+duplicates were found (a *late* shard) is indexed once it can be, as if it came after every
+other shard, and the duplicates are found again. Shards finished meanwhile may already hold the
+first copy of something a late shard holds too, and they are not rewritten: so a late shard
+keeps only content found nowhere before it or in the other shards, and the output never holds
+two copies. The decisions for the other shards do not change.
 """
 
 from __future__ import annotations
 
-import tarfile
+import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,32 +27,40 @@ import pyarrow.parquet as pq
 
 from pipeline.data.screen import ShardReadInfo, content_hash, screen_shard
 from pipeline.data.shards import WORK_DIR, ShardTask, global_order
-from pipeline.io.storage import Location, atomic_write, exists, write_bytes_atomic
+from pipeline.io.storage import Location, atomic_write, exists, read_bytes, write_bytes_atomic
 from pipeline.spec.prep import FilterSpec
 
 INDEX_SCHEMA = pa.schema(
     [("hash", pa.string()), ("order", pa.int64()), ("shard", pa.string()), ("key", pa.string())]
 )
 _SUCCESS = "_SUCCESS"
+LATE_ORDER = 1 << 62
+"""Added to the corpus order of a late shard's samples: after every shard's (ordinals < 2**30)."""
 
 
 def duplicates_dir(output_dir: Location) -> Location:
     return output_dir.child(WORK_DIR, "duplicates")
 
 
-def index_shard(task: ShardTask, filters: FilterSpec) -> int:
-    """Write the content-hash index of one shard; returns the number of indexed samples."""
+def index_shard(task: ShardTask, filters: FilterSpec, late: bool) -> int:
+    """Write the content-hash index of one shard; returns the number of indexed samples.
+
+    Args:
+        late: the duplicates were found before this shard could be read (see the module
+            docstring); its samples are ordered after every other shard's.
+
+    Raises:
+        Exception: whatever stops the shard from being read; no index is written then.
+    """
     rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
-    try:
-        for sample in screen_shard(task.source, filters, ShardReadInfo()):
-            if sample.drop is not None:
-                continue
-            rows["hash"].append(content_hash(sample.raw.image, sample.caption, filters.dedup))
-            rows["order"].append(global_order(task.ordinal, sample.raw.order))
-            rows["shard"].append(task.name)
-            rows["key"].append(sample.raw.key)
-    except tarfile.ReadError:  # not a tar at all: the shard processor reports it
-        rows = {name: [] for name in INDEX_SCHEMA.names}
+    offset = LATE_ORDER if late else 0
+    for sample in screen_shard(task.source, filters, ShardReadInfo()):
+        if sample.drop is not None:
+            continue
+        rows["hash"].append(content_hash(sample.raw.image, sample.caption, filters.dedup))
+        rows["order"].append(offset + global_order(task.ordinal, sample.raw.order))
+        rows["shard"].append(task.name)
+        rows["key"].append(sample.raw.key)
     with atomic_write(task.index) as handle:
         pq.write_table(pa.table(rows, schema=INDEX_SCHEMA), handle)
     return len(rows["key"])
@@ -67,7 +80,8 @@ def later_copies(block: pa.Table) -> pa.Table:
 def find_duplicates(
     tasks: list[ShardTask], output_dir: Location, partitions: int, driver_max_rows: int
 ) -> None:
-    """Write every later copy's (shard, key) under the duplicates folder, then mark it done.
+    """Write every later copy's (shard, key) among ``tasks`` (each with its index written)
+    under the duplicates folder, then mark it done, naming the shards it covers.
 
     Indexes of up to ``driver_max_rows`` rows in all are deduplicated in this process (a few
     hundred MB at most, and no shuffle start-up cost); larger ones by a Ray Data hash shuffle
@@ -82,7 +96,8 @@ def find_duplicates(
         _find_in_driver(index_paths, output_dir, path)
     else:
         _find_with_shuffle(index_paths, output_dir, path, partitions)
-    write_bytes_atomic(target.child(_SUCCESS), b"")
+    covered = sorted(task.name for task in tasks)
+    write_bytes_atomic(target.child(_SUCCESS), json.dumps(covered).encode())
 
 
 def _count_rows(index_paths: list[str], output_dir: Location) -> int:
@@ -109,8 +124,10 @@ def _find_with_shuffle(index_paths: list[str], output_dir: Location, path: str, 
     copies.write_parquet(path, filesystem=pafs, partition_cols=["shard"])
 
 
-def duplicates_ready(output_dir: Location) -> bool:
-    return exists(duplicates_dir(output_dir).child(_SUCCESS))
+def covered_shards(output_dir: Location) -> set[str] | None:
+    """The shards the duplicates were found among, or None if they were never found."""
+    marker = duplicates_dir(output_dir).child(_SUCCESS)
+    return set(json.loads(read_bytes(marker))) if exists(marker) else None
 
 
 def load_duplicate_keys(output_dir: Location, shard_name: str) -> set[str]:

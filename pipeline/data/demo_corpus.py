@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.assets import AssetError
 from pipeline.io.storage import Location, atomic_write
 
 log = logging.getLogger("qformer.demo")
@@ -25,10 +26,15 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 
 def easy_vqa_dir() -> Path:
+    """The easy-VQA package's data folder.
+
+    Raises:
+        AssetError: the package is not installed (exit status 2).
+    """
     try:
         import easy_vqa
-    except ImportError as err:
-        raise RuntimeError("the demo corpus needs `pip install --no-deps easy-vqa`") from err
+    except ImportError:
+        raise AssetError("the demo corpus needs the easy-VQA images: `pip install --no-deps easy-vqa`") from None
     return Path(easy_vqa.__file__).parent / "data"
 
 

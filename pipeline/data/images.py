@@ -32,12 +32,19 @@ class ImageTransform:
         self.spec = spec
 
     def process(self, data: bytes) -> ProcessedImage | Drop:
-        """The processed image, or the reason the sample is dropped."""
+        """The processed image, or the reason the sample is dropped.
+
+        Only the plugins of ``filters.image_formats`` parse the bytes. Whatever a plugin raises
+        on a malformed file (Pillow's plugins raise many exception types) drops the sample as
+        ``image_corrupt``.
+        """
         if not data:
             return Drop.IMAGE_EMPTY
         try:
-            image = Image.open(io.BytesIO(data))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            image = Image.open(io.BytesIO(data), formats=self.filters.image_formats)
+        except Image.UnidentifiedImageError:
+            return self._unidentified(data)
+        except Exception:
             return Drop.IMAGE_CORRUPT
         width, height = image.size
         drop = self._check_geometry(width, height)
@@ -47,9 +54,15 @@ class ImageTransform:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 jpeg = self._transform(image)
-        except (OSError, ValueError, SyntaxError, EOFError):
+        except Exception:
             return Drop.IMAGE_CORRUPT
         return ProcessedImage(jpeg, width, height)
+
+    def _unidentified(self, data: bytes) -> Drop:
+        found = sniff_format(data)
+        if found is not None and found not in self.filters.image_formats:
+            return Drop.IMAGE_FORMAT_NOT_ALLOWED
+        return Drop.IMAGE_CORRUPT
 
     def _check_geometry(self, width: int, height: int) -> Drop | None:
         filters = self.filters
@@ -72,6 +85,21 @@ class ImageTransform:
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=self.spec.jpeg_quality)
         return out.getvalue()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format whose magic bytes ``data`` starts with, or None; nothing is parsed
+    (only the plugins' prefix checks run)."""
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a prefix check that does not expect so short a prefix
+            continue
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

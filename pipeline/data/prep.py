@@ -3,6 +3,8 @@
 Three phases, each resumable on its own: index content hashes (only when dedup is on), find
 duplicates across the corpus, then process shards. A shard whose stats file exists is complete
 and skipped, so a killed run, run again, ends with exactly the output of an uninterrupted run.
+A shard that fails (in either phase) is named and left incomplete; one run at a time writes an
+output folder (its lease).
 """
 
 from __future__ import annotations
@@ -16,13 +18,24 @@ from dataclasses import dataclass
 import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from pipeline.errors import UsageError
 from pipeline.data import dedup
 from pipeline.data.drops import merge_counts
 from pipeline.data.prepared import MANIFEST
 from pipeline.data.processor import ShardProcessor
-from pipeline.data.shards import WORK_DIR, ShardTask, plan_tasks
-from pipeline.io.storage import Location, exists, expand_inputs, read_bytes, write_bytes_atomic
+from pipeline.data.shards import WORK_DIR, ShardTask, plan_tasks, shard_failure
+from pipeline.data.tokenize import CaptionTokenizer
+from pipeline.errors import QformerError, UsageError
+from pipeline.io.lease import hold_lease
+from pipeline.io.redact import redact_url
+from pipeline.io.storage import (
+    Location,
+    exists,
+    expand_inputs,
+    read_bytes,
+    remove_partial_writes,
+    storage_errors,
+    write_bytes_atomic,
+)
 from pipeline.ray_runtime import cluster_cpus, ensure_ray
 from pipeline.spec.prep import PrepSpec
 
@@ -33,6 +46,11 @@ class PrepError(UsageError, RuntimeError):
     """The job cannot run as asked (inputs missing, output holds a different run)."""
 
 
+class PrepFailed(QformerError):
+    """More shards failed than ``execution.max_failed_shards`` allows (exit status 1); the
+    other shards are complete, and the next run retries only the failed ones."""
+
+
 @dataclass
 class PrepPlan:
     spec: PrepSpec
@@ -41,75 +59,132 @@ class PrepPlan:
 
 
 def plan_prep(spec: PrepSpec) -> PrepPlan:
-    """Expand the inputs and check the output folder; no Ray work happens here."""
+    """Expand the inputs, name the shards and check that the tokenizers load; nothing is
+    written and no Ray work happens here."""
     try:
         sources = expand_inputs(spec.inputs, spec.storage)
     except FileNotFoundError as err:
         raise PrepError(str(err)) from None
+    _check_tokenizers(spec)
     output_dir = Location.of(spec.output, spec.storage)
-    tasks = plan_tasks(sources, output_dir)
-    _claim_output(output_dir, spec, tasks)
-    return PrepPlan(spec, output_dir, tasks)
+    return PrepPlan(spec, output_dir, plan_tasks(sources, output_dir))
 
 
-def _claim_output(output_dir: Location, spec: PrepSpec, tasks: list[ShardTask]) -> None:
-    """Record what this output folder is for; refuse to mix runs of different specs or inputs."""
-    plan = {
+def _check_tokenizers(spec: PrepSpec) -> None:
+    """Load each tokenizer once here, so that a missing package or model is one clear error
+    (and a packaged one is converted once, not by every actor at the same time)."""
+    from pipeline.assets import AssetError
+
+    for field, tokenizer in (("qformer", spec.tokenizers.qformer), ("llm", spec.tokenizers.llm)):
+        if tokenizer is None:
+            continue
+        try:
+            CaptionTokenizer(tokenizer, append_eos=field == "llm")
+        except AssetError:
+            raise
+        except (OSError, ValueError) as err:
+            message = " ".join(str(err).split())
+            raise PrepError(f"prep.tokenizers.{field}: cannot load {tokenizer.name!r}: {message}") from None
+
+
+def _claim_output(plan: PrepPlan) -> None:
+    """Record what this output folder is for; refuse to mix runs of different specs or inputs.
+    Runs under the folder's lease: it deletes what killed runs left half-written."""
+    output_dir, spec, tasks = plan.output_dir, plan.spec, plan.tasks
+    record = {
         "fingerprint": _fingerprint(spec, tasks),
-        "inputs": [task.source.url for task in tasks],
+        "inputs": [redact_url(task.source.url) for task in tasks],
     }
     marker = output_dir.child(WORK_DIR, "plan.json")
     if exists(marker):
         previous = json.loads(read_bytes(marker))
-        if previous.get("fingerprint") != plan["fingerprint"]:
+        if previous.get("fingerprint") != record["fingerprint"]:
             raise PrepError(
                 f"{output_dir.url} holds the output of a different prep spec or input list; "
                 "use another output folder, or delete it to start over"
             )
-        _remove_partial_files(output_dir)
+        removed = remove_partial_writes(output_dir)
+        if removed:
+            log.info("prep: removed %d half-written files of an earlier run", len(removed))
         return
-    write_bytes_atomic(marker, json.dumps(plan, indent=1).encode())
-
-
-def _remove_partial_files(output_dir: Location) -> None:
-    """Delete what a killed run left half-written (never read, but it takes space)."""
-    fs, path = output_dir.filesystem()
-    for pattern in ("*.tmp-*", f"{WORK_DIR}/index/*.tmp-*"):
-        for leftover in fs.glob(f"{path}/{pattern}"):
-            fs.rm(leftover)
+    write_bytes_atomic(marker, json.dumps(record, indent=1).encode())
 
 
 def _fingerprint(spec: PrepSpec, tasks: list[ShardTask]) -> str:
-    # Execution settings change how the work is spread, never what it produces.
-    what = spec.model_dump(mode="json", exclude={"execution", "storage", "output"})
-    what["inputs"] = [task.source.url for task in tasks]
+    # Execution settings change how the work is spread, never what it produces. Inputs count
+    # by address: a presigned URL's signature changes each time it is issued.
+    what = spec.model_dump(mode="json", exclude={"execution", "storage", "output", "inputs"})
+    what["inputs"] = [redact_url(task.source.url) for task in tasks]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def run_prep(spec: PrepSpec, ray_address: str | None = None) -> dict:
-    """Run the whole job and return its manifest (also written to ``OUTPUT/manifest.json``)."""
+    """Run the whole job and return its manifest (also written to ``OUTPUT/manifest.json``).
+
+    Holds the output folder's lease throughout (``pipeline.io.lease``). Shards that fail are
+    named in the manifest's ``failed_shards`` and left incomplete for the next run.
+
+    Raises:
+        PrepError: inputs missing, tokenizers not loadable, output of another spec (exit 2).
+        LeaseHeld: another run is writing the output folder (exit 2).
+        StorageError: storage unreachable or refusing access (exit 2).
+        PrepFailed: more than ``execution.max_failed_shards`` shards failed (exit 1), raised
+            after the manifest is written.
+    """
     started = time.monotonic()
     plan = plan_prep(spec)
-    ensure_ray(ray_address)
-    workers = spec.execution.workers or cluster_cpus()
-    todo = [task for task in plan.tasks if not exists(task.stats)]
-    log.info(
-        "prep: %d input shards, %d done already, %d to process with %d workers",
-        len(plan.tasks), len(plan.tasks) - len(todo), len(todo), workers,
-    )
-    if todo and spec.filters.dedup != "none" and not dedup.duplicates_ready(plan.output_dir):
-        _index_corpus(plan, workers)
-        log.info("prep: finding duplicates across the corpus")
-        dedup.find_duplicates(
-            plan.tasks,
-            plan.output_dir,
-            spec.execution.dedup_partitions,
-            spec.execution.dedup_driver_max_rows,
+    execution = spec.execution
+    with storage_errors(plan.output_dir.url), hold_lease(
+        plan.output_dir, purpose="qformer prep", stale_after_s=execution.lease_stale_after_s
+    ) as lease:
+        _claim_output(plan)
+        ensure_ray(ray_address)
+        workers = execution.workers or cluster_cpus()
+        todo = [task for task in plan.tasks if not exists(task.stats)]
+        log.info(
+            "prep: %d input shards, %d done already, %d to process with %d workers",
+            len(plan.tasks), len(plan.tasks) - len(todo), len(todo), workers,
         )
-    processed = _process_shards(plan, todo, workers, started)
-    manifest = _manifest(plan, processed, time.monotonic() - started)
-    write_bytes_atomic(plan.output_dir.child(MANIFEST), json.dumps(manifest, indent=1).encode())
+        failed: list[dict] = []
+        if todo and spec.filters.dedup != "none":
+            failed = _deduplicate(plan, workers)
+            unindexed = {failure["name"] for failure in failed}
+            todo = [task for task in todo if task.name not in unindexed]
+        lease.check()
+        processed, process_failed = _process_shards(plan, todo, workers, started)
+        failed += process_failed
+        lease.check()
+        manifest = _manifest(plan, processed, failed, time.monotonic() - started)
+        write_bytes_atomic(plan.output_dir.child(MANIFEST), json.dumps(manifest, indent=1).encode())
+    if len(failed) > execution.max_failed_shards:
+        raise PrepFailed(
+            f"prep: {len(failed)} of {len(plan.tasks)} shards failed ({describe_failures(failed)}); "
+            f"the others are complete and the next run retries only these; "
+            f"--max-failed-shards N accepts up to N (manifest: {plan.output_dir.url}/manifest.json)"
+        )
     return manifest
+
+
+def describe_failures(failed: list[dict], most: int = 3) -> str:
+    """Failed shards (manifest entries) in a few words: the first ``most`` with their errors."""
+    named = "; ".join(f"{f['name']}: {f['error']}" for f in failed[:most])
+    return named + (f"; and {len(failed) - most} more" if len(failed) > most else "")
+
+
+def _deduplicate(plan: PrepPlan, workers: int) -> list[dict]:
+    """Index every shard not yet indexed and find the duplicates among the indexed shards, if
+    not found among exactly these before; returns the shards that could not be indexed."""
+    covered = dedup.covered_shards(plan.output_dir)
+    failed = _index_corpus(plan, workers, late=covered is not None)
+    unindexed = {failure["name"] for failure in failed}
+    indexed = [task for task in plan.tasks if task.name not in unindexed]
+    if covered != {task.name for task in indexed}:
+        log.info("prep: finding duplicates across the corpus")
+        execution = plan.spec.execution
+        dedup.find_duplicates(
+            indexed, plan.output_dir, execution.dedup_partitions, execution.dedup_driver_max_rows
+        )
+    return failed
 
 
 def _task_dataset(tasks: list[ShardTask]):
@@ -117,25 +192,39 @@ def _task_dataset(tasks: list[ShardTask]):
     return ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
 
 
-def _index_corpus(plan: PrepPlan, workers: int) -> None:
+def _index_corpus(plan: PrepPlan, workers: int, late: bool) -> list[dict]:
     todo = [task for task in plan.tasks if not exists(task.index)]
     if not todo:
-        return
+        return []
     log.info("prep: indexing content hashes of %d shards", len(todo))
     filters = plan.spec.filters
 
     def index_batch(batch: dict) -> dict:
-        counts = [dedup.index_shard(ShardTask.from_json(t), filters) for t in batch["task"]]
-        return {"indexed": counts}
+        results = []
+        for text in batch["task"]:
+            task = ShardTask.from_json(text)
+            try:
+                dedup.index_shard(task, filters, late)
+                results.append("")
+            except Exception as err:
+                results.append(json.dumps(shard_failure(task, "index", err)))
+        return {"failed": results}
 
-    _task_dataset(todo).map_batches(
+    rows = _task_dataset(todo).map_batches(
         index_batch, batch_size=1, compute=TaskPoolStrategy(size=workers)
-    ).materialize()
+    ).take_all()
+    failed = [json.loads(row["failed"]) for row in rows if row["failed"]]
+    for failure in failed:
+        log.warning("prep: shard %s cannot be indexed: %s", failure["name"], failure["error"])
+    return sorted(failed, key=lambda failure: failure["name"])
 
 
-def _process_shards(plan: PrepPlan, todo: list[ShardTask], workers: int, started: float) -> list[dict]:
+def _process_shards(
+    plan: PrepPlan, todo: list[ShardTask], workers: int, started: float
+) -> tuple[list[dict], list[dict]]:
+    """Process ``todo``; returns the stats of the shards completed and the failures."""
     if not todo:
-        return []
+        return [], []
     results = _task_dataset(todo).map_batches(
         ShardProcessor,
         fn_constructor_kwargs={"spec": plan.spec},
@@ -144,33 +233,40 @@ def _process_shards(plan: PrepPlan, todo: list[ShardTask], workers: int, started
         num_cpus=1,
     )
     processed: list[dict] = []
+    failed: list[dict] = []
     for row in results.iter_rows():
-        stats = json.loads(row["stats"])
-        processed.append(stats)
-        _log_progress(processed, len(todo), started)
-    return processed
+        result = json.loads(row["result"])
+        if "failed" in result:
+            failed.append(result["failed"])
+        else:
+            processed.append(result["stats"])
+        _log_progress(processed, failed, len(todo), started)
+    return processed, sorted(failed, key=lambda failure: failure["name"])
 
 
-def _log_progress(processed: list[dict], total: int, started: float) -> None:
+def _log_progress(processed: list[dict], failed: list[dict], total: int, started: float) -> None:
     samples = sum(s["samples_in"] for s in processed)
     kept = sum(s["samples_out"] for s in processed)
     drops = merge_counts(*(s["drops"] for s in processed))
     rate = samples / max(time.monotonic() - started, 1e-9)
     top = ", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])[:4])
     log.info(
-        "prep: shards %d/%d | samples in %d, out %d | %.1f samples/s | dropped %d%s",
-        len(processed), total, samples, kept, rate, sum(drops.values()),
-        f" ({top})" if top else "",
+        "prep: shards %d/%d%s | samples in %d, out %d | %.1f samples/s | dropped %d%s",
+        len(processed) + len(failed), total, f" ({len(failed)} failed)" if failed else "",
+        samples, kept, rate, sum(drops.values()), f" ({top})" if top else "",
     )
 
 
-def _manifest(plan: PrepPlan, processed: list[dict], wall_time: float) -> dict:
-    stats = [json.loads(read_bytes(task.stats)) for task in plan.tasks]
+def _manifest(plan: PrepPlan, processed: list[dict], failed: list[dict], wall_time: float) -> dict:
+    unfinished = {failure["name"] for failure in failed}
+    stats = [json.loads(read_bytes(task.stats)) for task in plan.tasks if task.name not in unfinished]
     samples_in = sum(s["samples_in"] for s in stats)
     samples_out = sum(s["samples_out"] for s in stats)
     processed_in = sum(s["samples_in"] for s in processed)
+    spec = plan.spec.model_dump(mode="json")
+    spec["inputs"] = [redact_url(pattern) for pattern in spec["inputs"]]
     return {
-        "spec": plan.spec.model_dump(mode="json"),
+        "spec": spec,
         "tokenizers": next((s["tokenizers"] for s in stats if s.get("tokenizers")), {}),
         "totals": {
             "shards": len(stats),
@@ -182,15 +278,13 @@ def _manifest(plan: PrepPlan, processed: list[dict], wall_time: float) -> dict:
         "shards": [
             {"name": s["shard"], "input": s["input"], "output": s["output"], "samples": s["samples_out"]}
             for s in stats
-            if s["error"] is None
         ],
-        "failed_shards": [
-            {"name": s["shard"], "input": s["input"], "error": s["error"]} for s in stats if s["error"]
-        ],
+        "failed_shards": failed,
         "truncated_shards": [s["shard"] for s in stats if s["truncated"]],
         "run": {
             "wall_time_s": round(wall_time, 3),
             "shards_processed": len(processed),
+            "shards_failed": len(failed),
             "shards_skipped": len(stats) - len(processed),
             "samples_processed": processed_in,
             "samples_per_s": round(processed_in / wall_time, 2) if wall_time > 0 else None,

@@ -2,13 +2,15 @@
 
 Runs inside a Ray Data actor (tokenizers load once per actor). Samples stream through
 read -> screen -> dedup -> image transform -> batched tokenization -> Parquet row groups, so
-memory holds one row group, never a whole shard.
+memory holds one row group, never a whole shard. A bad sample is a counted drop; anything that
+stops a whole shard (it is not a tar, storage errors outlast their retries) fails that shard
+only: it gets no stats file, so it is not complete and the next run tries it again.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
+import logging
 import time
 from collections import Counter
 
@@ -21,10 +23,13 @@ from pipeline.data.drops import Drop
 from pipeline.data.images import ImageTransform, ProcessedImage
 from pipeline.data.prepared import fixed_list, output_schema
 from pipeline.data.screen import ScreenedSample, ShardReadInfo, screen_shard
-from pipeline.data.shards import ShardTask
+from pipeline.data.shards import ShardTask, shard_failure
 from pipeline.data.tokenize import CaptionTokenizer
+from pipeline.io.redact import redact_url
 from pipeline.io.storage import atomic_write, write_bytes_atomic
 from pipeline.spec.prep import PrepSpec
+
+log = logging.getLogger("qformer.prep")
 
 
 class ShardProcessor:
@@ -41,9 +46,18 @@ class ShardProcessor:
         )
 
     def __call__(self, batch: dict) -> dict:
-        """Ray Data entry point: a batch of shard tasks in, one stats row per shard out."""
-        stats = [self.process(ShardTask.from_json(task)) for task in batch["task"]]
-        return {"stats": [json.dumps(s) for s in stats]}
+        """Ray Data entry point: a batch of shard tasks in, one result row per shard out:
+        ``{"stats": ...}`` for a complete shard, ``{"failed": ...}`` (see ``shard_failure``)."""
+        results = []
+        for text in batch["task"]:
+            task = ShardTask.from_json(text)
+            try:
+                results.append({"stats": self.process(task)})
+            except Exception as err:
+                failure = shard_failure(task, "process", err)
+                log.warning("prep: shard %s failed: %s", task.name, failure["error"])
+                results.append({"failed": failure})
+        return {"result": [json.dumps(r) for r in results]}
 
     def tokenizer_info(self) -> dict:
         info = {"qformer": _tokenizer_info(self.qformer)}
@@ -62,39 +76,36 @@ class ShardProcessor:
         drops: Counter = Counter()
         info = ShardReadInfo()
         samples_in = samples_out = 0
-        error = None
-        try:
-            with atomic_write(task.output) as handle:
-                writer = pq.ParquetWriter(handle, self.schema, compression="zstd")
-                pending: list[tuple[ScreenedSample, ProcessedImage]] = []
-                for sample in screen_shard(task.source, self.spec.filters, info):
-                    samples_in += 1
-                    outcome = self._image_outcome(sample, duplicates)
-                    if isinstance(outcome, Drop):
-                        drops[outcome.value] += 1
-                        continue
-                    pending.append((sample, outcome))
-                    if len(pending) >= self.spec.execution.rows_per_row_group:
-                        samples_out += self._write(writer, task, pending)
-                        pending = []
-                if pending:
+        with atomic_write(task.output) as handle:
+            writer = pq.ParquetWriter(handle, self.schema, compression="zstd")
+            pending: list[tuple[ScreenedSample, ProcessedImage]] = []
+            for sample in screen_shard(task.source, self.spec.filters, info):
+                samples_in += 1
+                outcome = self._image_outcome(sample, duplicates)
+                if isinstance(outcome, Drop):
+                    drops[outcome.value] += 1
+                    continue
+                pending.append((sample, outcome))
+                if len(pending) >= self.spec.execution.rows_per_row_group:
                     samples_out += self._write(writer, task, pending)
-                writer.close()
-        except tarfile.ReadError as err:
-            error = f"unreadable shard: {err}"
+                    pending = []
+            if pending:
+                samples_out += self._write(writer, task, pending)
+            writer.close()
         stats = {
             "shard": task.name,
-            "input": task.source.url,
-            "output": task.output.url if error is None else None,
+            "input": redact_url(task.source.url),
+            "output": task.output.url,
             "samples_in": samples_in,
             "samples_out": samples_out,
             "drops": dict(sorted(drops.items())),
             "truncated": info.truncated,
             "unordered": info.unordered,
-            "error": error,
             "tokenizers": self.tokenizer_info(),
             "wall_time_s": round(time.monotonic() - started, 3),
         }
+        # Written after the shard is durable (atomic_write fsyncs it): the stats file is the
+        # shard's completion marker.
         write_bytes_atomic(task.stats, json.dumps(stats, indent=1).encode())
         return stats
 
@@ -109,7 +120,7 @@ class ShardProcessor:
         captions = [sample.caption for sample, _ in rows]
         columns = {
             "key": [sample.raw.key for sample, _ in rows],
-            "source": [task.source.url] * len(rows),
+            "source": [redact_url(task.source.url)] * len(rows),
             "caption": captions,
             "image": [image.jpeg for _, image in rows],
             "original_width": [image.original_width for _, image in rows],

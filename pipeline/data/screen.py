@@ -12,7 +12,7 @@ from typing import Iterator
 
 from pipeline.data.captions import CaptionFilter, clean_caption
 from pipeline.data.drops import Drop
-from pipeline.data.tar_reader import RawSample, read_samples, scan_layout
+from pipeline.data.tar_reader import RawSample, open_shard, read_samples, scan_layout
 from pipeline.io.storage import Location
 from pipeline.spec.prep import FilterSpec
 
@@ -37,12 +37,10 @@ def screen_shard(
 ) -> Iterator[ScreenedSample]:
     """Read a shard and run the structural and caption checks on every sample."""
     caption_filter = CaptionFilter(filters)
-    fs, path = source.filesystem()
-    size = fs.size(path)
-    with fs.open(path, "rb") as handle:
+    with open_shard(source) as (handle, size):
         layout = scan_layout(handle, size)
         info.truncated, info.unordered = layout.truncated, layout.unordered
-        for raw in read_samples(handle, layout):
+        for raw in read_samples(handle, layout, filters):
             if raw.drop is not None:
                 yield ScreenedSample(raw, None, raw.drop)
                 continue

@@ -5,9 +5,15 @@ Output layout (``OUT`` is the spec's output folder)::
     OUT/{name}.parquet        training-ready samples of input shard {name}
     OUT/{name}.stats.json     its counts; written last, so it marks the shard complete
     OUT/manifest.json         the whole run
+    OUT/_lease.json           the running prep's lease (pipeline.io.lease; _lease.lock beside it
+                              on local disk)
     OUT/_work/plan.json       inputs + spec fingerprint (a re-run must match it)
     OUT/_work/index/{name}.parquet   content hashes for corpus-wide dedup
-    OUT/_work/duplicates/     (shard, key) of every later copy; _SUCCESS when complete
+    OUT/_work/duplicates/     (shard, key) of every later copy; _SUCCESS (the shards it covers)
+                              when complete
+
+A shard that fails (it cannot be read, storage errors outlast their retries) gets no stats file:
+it is not complete, the run names it, and the next run tries it again.
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import traceback
 from dataclasses import asdict, dataclass
 
+from pipeline.io.redact import redact_text, redact_url
 from pipeline.io.storage import Location
 
 STATS_SUFFIX = ".stats.json"
 SHARD_SUFFIX = ".parquet"
 WORK_DIR = "_work"
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
 
 
 @dataclass(frozen=True)
@@ -73,12 +82,25 @@ def plan_tasks(sources: list[Location], output_dir: Location) -> list[ShardTask]
 
 
 def _stem(url: str) -> str:
-    base = posixpath.basename(url)
-    for suffix in (".tar.gz", ".tgz", ".tar"):
+    base = posixpath.basename(redact_url(url))
+    for suffix in TAR_SUFFIXES:
         if base.endswith(suffix):
             base = base[: -len(suffix)]
             break
     return re.sub(r"[^A-Za-z0-9._-]", "_", base) or "shard"
+
+
+def shard_failure(task: ShardTask, phase: str, err: BaseException) -> dict:
+    """What the run records of a shard that failed in ``phase`` (``index`` or ``process``):
+    a one-line error and the traceback, without credentials. Call it inside ``except``."""
+    message = " ".join(redact_text(str(err)).split())
+    return {
+        "name": task.name,
+        "input": redact_url(task.source.url),
+        "phase": phase,
+        "error": f"{type(err).__name__}: {message}" if message else type(err).__name__,
+        "traceback": redact_text(traceback.format_exc()),
+    }
 
 
 def global_order(ordinal: int, order_in_shard: int) -> int:

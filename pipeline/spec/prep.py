@@ -33,6 +33,29 @@ class FilterSpec(SpecModel):
     dedup: Literal["none", "image", "image_caption"] = "image"
     """Exact-duplicate removal across the whole corpus, by image bytes or image bytes + caption.
     The first copy in corpus order (input order, then member order) is kept."""
+    image_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP"], min_length=1)
+    """Pillow formats an image may be in, whatever its member's extension says (a TIFF named
+    ``.jpg`` is a TIFF); other images are dropped as ``image_format_not_allowed`` without being
+    parsed. Each format added is more decoder code exposed to untrusted files (EPS, for one,
+    runs Ghostscript)."""
+    max_image_bytes: int = Field(64 * 2**20, ge=1)
+    """Largest image member read, by the size in its tar header; larger: ``image_file_too_large``."""
+    max_caption_bytes: int = Field(64 * 2**10, ge=1)
+    """Largest ``.txt`` member read; larger: ``caption_file_too_large``."""
+    max_metadata_bytes: int = Field(2**20, ge=1)
+    """Largest ``.json`` member read; larger: ``metadata_file_too_large``."""
+
+    @field_validator("image_formats")
+    @classmethod
+    def _formats_known(cls, formats: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        names = [name.upper() for name in formats]
+        unknown = [name for name in names if name not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"{unknown} not among the formats Pillow reads: {sorted(Image.OPEN)}")
+        return names
 
     @field_validator("blocklist")
     @classmethod
@@ -97,6 +120,14 @@ class PrepExecutionSpec(SpecModel):
     dedup_driver_max_rows: int = Field(2_000_000, ge=0)
     """Corpora with at most this many indexed samples are deduplicated in the driver process
     (about 100 bytes a sample), skipping the shuffle's start-up; 0 always shuffles."""
+    max_failed_shards: int = Field(0, ge=0)
+    """Shards that may fail (unreadable, storage errors after retries) with the run still
+    succeeding; they are named either way, never marked complete, and retried by the next run.
+    ``qformer prep --max-failed-shards N`` sets it."""
+    lease_stale_after_s: float = Field(300.0, gt=0)
+    """One run at a time writes an output folder (``OUTPUT/_lease.json``); another run's lease
+    is taken over when its heartbeat is older than this (at once if its process on this host is
+    gone)."""
 
 
 class PrepSpec(SpecModel):

@@ -140,3 +140,43 @@ def bad_corpus_spec(inputs: list[str], output: str, **storage) -> dict:
     if storage:
         spec["prep"]["storage"] = storage
     return spec
+
+
+# The hostile shard below, on top of the bad corpus: what prep must make of it.
+HOSTILE_LIMITS = {"max_image_bytes": 150_000, "max_caption_bytes": 4096, "max_metadata_bytes": 250_000}
+HOSTILE_DROPS = {
+    "metadata_invalid": 2,
+    "caption_file_too_large": 1,
+    "image_file_too_large": 1,
+    "metadata_file_too_large": 1,
+    "image_format_not_allowed": 3,
+}
+HOSTILE_KEPT = {"h08": "a fine sample among hostile ones"}
+
+
+def _encoded(fmt: str, seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (seed * 40 % 256, 90, 160)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def write_hostile_shard(path: Path) -> Path:
+    """Members that used to kill a run or slip through: JSON that breaks the parser, members
+    over the size limits (``HOSTILE_LIMITS``), images in formats other than their extension."""
+    return write_tar(path, [
+        *sample_members("h00", "metadata nested too deep", jpeg_bytes(seed=40)),
+        ("h00.json", b"[" * 100_000 + b"]" * 100_000),
+        *sample_members("h01", "metadata with a huge number", jpeg_bytes(seed=41)),
+        ("h01.json", b'{"a": ' + b"9" * 5000 + b"}"),
+        ("h02.jpg", jpeg_bytes(seed=42)),
+        ("h02.txt", b"word " * 2000),
+        ("h03.jpg", b"\xff\xd8\xff\xe0" + bytes(200_000)),
+        ("h03.txt", b"an image member too large to read"),
+        *sample_members("h04", "metadata too large to read", jpeg_bytes(seed=44)),
+        ("h04.json", b'{"pad": "' + b"x" * 300_000 + b'"}'),
+        *sample_members("h05", "a tiff named jpg", _encoded("TIFF", 5)),
+        *sample_members("h06", "a bitmap named jpg", _encoded("BMP", 6)),
+        *sample_members("h07", "a postscript file named jpg",
+                        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\nshowpage\n"),
+        *sample_members("h08", HOSTILE_KEPT["h08"], jpeg_bytes(seed=48)),
+    ])

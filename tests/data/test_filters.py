@@ -127,3 +127,35 @@ def test_driver_and_shuffle_dedup_find_the_same_copies(ray_2cpus, tmp_path):
         results.append({task.name: load_duplicate_keys(out, task.name) for task in tasks})
     # 15 samples over 7 hashes: the first 7 in corpus order are kept.
     assert results[0] == results[1] == {"0": set(), "1": {"k2", "k3", "k4"}, "2": {"k0", "k1", "k2", "k3", "k4"}}
+
+
+def _encoded(fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (48, 48), (20, 120, 220)).save(out, format=fmt)
+    return out.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 48 48\n0 0 moveto 48 48 lineto stroke\n"
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (_encoded("TIFF"), Drop.IMAGE_FORMAT_NOT_ALLOWED),  # a TIFF in a .jpg member
+        (_encoded("BMP"), Drop.IMAGE_FORMAT_NOT_ALLOWED),
+        (_encoded("GIF"), Drop.IMAGE_FORMAT_NOT_ALLOWED),
+        (EPS, Drop.IMAGE_FORMAT_NOT_ALLOWED),  # never handed to Ghostscript
+        (b"plain text, no image at all", Drop.IMAGE_CORRUPT),
+        (_encoded("PNG")[:60], Drop.IMAGE_CORRUPT),  # an allowed format, cut
+    ],
+)
+def test_only_allowed_image_formats_are_parsed(data, reason):
+    assert ImageTransform(FilterSpec(), ImageSpec(size=32)).process(data) == reason
+
+
+def test_allowed_formats_come_from_the_spec():
+    transform = ImageTransform(FilterSpec(image_formats=["jpeg", "bmp"]), ImageSpec(size=32))
+    assert isinstance(transform.process(_encoded("BMP")), ProcessedImage)
+    assert transform.process(_encoded("PNG")) == Drop.IMAGE_FORMAT_NOT_ALLOWED
+    with pytest.raises(ValueError, match="not among the formats Pillow reads"):
+        FilterSpec(image_formats=["JPEG", "HEIC-ISH"])

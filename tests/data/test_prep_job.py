@@ -108,3 +108,38 @@ def test_image_caption_dedup_keeps_copies_with_other_captions(ray_2cpus, tmp_pat
     assert manifest["drops"] == {"duplicate": 1}
     kept = pq.read_table(tmp_path / "out" / "a.parquet").column("key").to_pylist()
     assert kept == ["a0", "a1"] and pq.read_metadata(tmp_path / "out" / "b.parquet").num_rows == 0
+
+
+def test_shard_is_durable_before_its_stats_file_marks_it_complete(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.data.processor import ShardProcessor
+    from pipeline.data.shards import plan_tasks
+    from pipeline.io import storage
+    from pipeline.io.storage import Location
+
+    write_tar(tmp_path / "raw" / "a.tar", sample_members("a0", "a red square", jpeg_bytes(seed=1)))
+    raw = bad_corpus_spec([str(tmp_path / "raw" / "a.tar")], str(tmp_path / "out"))
+    raw["prep"]["filters"]["dedup"] = "none"
+    raw["prep"]["tokenizers"].pop("llm")
+    spec = _prep_spec(raw)
+    [task] = plan_tasks([Location.of(str(tmp_path / "raw" / "a.tar"))], Location.of(spec.output))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    ShardProcessor(spec).process(task)
+    data, marker = events.index(("replace", "a.parquet")), events.index(("replace", "a.stats.json"))
+    assert events[data - 1][0] == "fsync" and events[data - 1][1].startswith("a.parquet.tmp-")
+    assert events[data + 1] == ("fsync", "out")  # the rename itself is durable ...
+    assert data + 1 < marker  # ... before the marker is written
+    assert events[marker - 1][1].startswith("a.stats.json.tmp-") and events[marker + 1] == ("fsync", "out")
