@@ -143,7 +143,7 @@ def _eval_command(commands) -> None:
                           help="prep output folder (manifest.json) or .parquet paths/globs; repeatable")
     evaluate.add_argument("--split", default=None,
                           help="use the prep output in this sub-folder of each --data folder, e.g. test")
-    evaluate.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
+    evaluate.add_argument("--out", default=None, help="output folder (default: RUN/eval/STAGE-step-N, beside the run's stage folders)")
     evaluate.add_argument("--max-samples", type=_positive_int, default=None)
     evaluate.add_argument("--batch-size", type=_positive_int, default=32)
     evaluate.add_argument("--actors", type=_positive_int, default=None,

@@ -21,6 +21,9 @@ class QformerError(Exception):
     """
 
     exit_status: int = EXIT_FAILED
+    permanent: bool = False
+    """Whether doing the same work again fails the same way (bad data, unusable weights, a bad
+    spec): training then stops at once instead of restarting its workers from a checkpoint."""
 
     def __init__(self, message: str = "", *, exit_status: int | None = None):
         super().__init__(message)
@@ -32,3 +35,4 @@ class UsageError(QformerError):
     """The command cannot run as asked (a bad spec, argument or input); nothing has started."""
 
     exit_status = EXIT_USAGE
+    permanent = True

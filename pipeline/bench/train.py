@@ -53,6 +53,7 @@ def _job(root: Path, prepared: str, steps: int, batch_size: int) -> JobSpec:
 
 def plain_loop(job: JobSpec, steps: int) -> list[float]:
     """Step times of the plain loop (same model, optimizer, schedule and batch stream)."""
+    from pipeline.data.batches import PixelNormalizer, to_device
     from pipeline.io.storage import Location
     from pipeline.model import Blip2Pretrainer, image_preprocessing
     from pipeline.train.loader import BatchStream, LoaderConfig
@@ -67,13 +68,14 @@ def plain_loop(job: JobSpec, steps: int) -> list[float]:
     pre = image_preprocessing(spec.vision)
     shards = shards_from_manifest(Location.of(job.data.prepared).child(MANIFEST))
     config = LoaderConfig(shards=shards, batch_size=stage.batch_size, image_size=pre.image_size,
-                          mean=pre.mean, std=pre.std, text="qformer", decode_threads=1)
+                          text="qformer", decode_threads=1)
+    normalizer = PixelNormalizer(pre.mean, pre.std)
     times = []
     with BatchStream(config, rank=0, world_size=1) as stream:
         model.train()
         for _ in range(steps):
             started = time.perf_counter()
-            loss = model(**next(stream)).loss
+            loss = model(**to_device(next(stream), "cpu", normalizer)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -52,6 +53,11 @@ class TrainedCheckpoint:
     def model_spec(self) -> ModelSpec:
         """The model spec the stage trained with."""
         return self.job.model
+
+    @property
+    def run_folder(self) -> Location:
+        """The run folder holding the checkpoint's stage folder."""
+        return Location(posixpath.dirname(posixpath.dirname(self.location.url)), self.location.options)
 
     @property
     def step(self) -> int:

@@ -1,5 +1,6 @@
-"""Prepared JPEG bytes to a model input: decode, (augment,) resize and normalise, with Pillow and
-numpy only. Training and evaluation both use it (evaluation without augmentation).
+"""Prepared JPEG bytes to a model input's image: decode, (augment,) resize, with Pillow and numpy
+only; the 8-bit pixels are normalised later, on the model's device (``pipeline.data.batches``).
+Training and evaluation both use it (evaluation without augmentation).
 
 Augmentation is BLIP-2's: a random resized crop (area fraction ``crop_scale``, aspect ratio
 3/4..4/3, bicubic) and a horizontal flip with probability 1/2. Every random draw comes from a
@@ -104,19 +105,3 @@ class TrainTransform:
             if flip:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             return np.asarray(out, dtype=np.uint8)  # (S, S, 3)
-
-
-def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(3, 256) float32: each channel's normalised value ``(level / 255 - mean) / std`` per 8-bit level."""
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    return ((levels[None, :] - np.asarray(mean)[:, None]) / np.asarray(std)[:, None]).astype(np.float32)
-
-
-def to_normalized_chw(image: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
-    """Write the (S, S, 3) uint8 ``image`` into ``out`` (3, S, S) float32, normalised by ``table``.
-
-    A table lookup per channel is one pass over memory with no float temporaries: on a few CPU
-    cores, float arithmetic over a whole batch costs as much as decoding it.
-    """
-    for channel in range(3):
-        np.take(table[channel], image[:, :, channel], out=out[channel])  # (S, S)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UsageError
 from pipeline.io.storage import Location, read_bytes
 from pipeline.spec.losses import Objective
 
@@ -106,20 +107,38 @@ def shards_from_manifest(manifest: Location) -> tuple[Location, ...]:
     return shards
 
 
+class PreparedDataError(UsageError):
+    """A file that should be a prepared shard cannot be read as one."""
+
+
 def read_schema(shard: Location) -> pa.Schema:
-    """The Arrow schema of a prepared shard (its footer only)."""
+    """The Arrow schema of a prepared shard (its footer only).
+
+    Raises:
+        PreparedDataError: the file is not a readable Parquet file.
+    """
     fs, path = shard.filesystem()
-    with fs.open(path, "rb") as handle:
-        return pq.read_schema(handle)
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.read_schema(handle)
+    except (pa.ArrowException, OSError) as err:
+        raise PreparedDataError(f"{shard.url}: not a readable prepared shard ({err})") from None
 
 
 def read_rows(shards: tuple[Location, ...], columns: list[str], limit: int | None = None) -> pa.Table:
-    """The first ``limit`` rows (all when None) of the shards, in corpus order."""
+    """The first ``limit`` rows (all when None) of the shards, in corpus order.
+
+    Raises:
+        PreparedDataError: a shard is not a readable Parquet file with these columns.
+    """
     tables, rows = [], 0
     for shard in shards:
         fs, path = shard.filesystem()
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=columns)
+        try:
+            with fs.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=columns)
+        except (pa.ArrowException, OSError) as err:
+            raise PreparedDataError(f"{shard.url}: not a readable prepared shard ({err})") from None
         tables.append(table)
         rows += table.num_rows
         if limit is not None and rows >= limit:

@@ -11,8 +11,11 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import torch
 
-from pipeline.data.batches import InputBuilder
+from pipeline.data.augment import TrainTransform
+from pipeline.data.batches import InputBuilder, PixelNormalizer, to_device
 from pipeline.data.prepared import (
     CAPTION,
     IMAGE,
@@ -162,8 +165,19 @@ class CaptionGallery:
                    np.asarray(data["attention_mask"], np.int64), np.asarray(data["counts"], np.int64))
 
 
-def input_builder(preprocessing: ImagePreprocessing, objective: Objective) -> InputBuilder:
-    """Held-out rows -> model inputs of ``objective``: images resized (no augmentation) and
-    normalised for the vision tower, tokens."""
-    return InputBuilder.resize_only(preprocessing.image_size, preprocessing.mean, preprocessing.std,
-                                    text_kind(objective))
+class EvalInputs:
+    """Held-out rows -> model inputs of an objective on a device: images resized (no
+    augmentation) and normalised for the vision tower, and the objective's tokens.
+
+    Args:
+        preprocessing: The vision tower's image size and normalisation.
+        objective: Whose tokens: the Q-Former's (1) or the LLM's (2).
+    """
+
+    def __init__(self, preprocessing: ImagePreprocessing, objective: Objective):
+        transform = TrainTransform(preprocessing.image_size, augment=False)
+        self.build = InputBuilder(transform, text_kind(objective))
+        self.normalizer = PixelNormalizer(preprocessing.mean, preprocessing.std)
+
+    def __call__(self, rows: pa.Table, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return to_device(self.build(rows), device, self.normalizer)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
-from pipeline.eval.heldout import CaptionGallery, EvalError, check_tokens, input_builder, resolve_data
+from pipeline.eval.heldout import CaptionGallery, EvalError, EvalInputs, check_tokens, resolve_data
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
 from pipeline.eval.summary import stage1_metrics, stage2_metrics
 from pipeline.io.storage import Location
@@ -60,7 +60,7 @@ class PeriodicEval:
         self.rows = rows.take(np.arange(rank, share * world, world))
         self.samples = share * world
         self.gallery = CaptionGallery.read(data.shards) if self.objective == 1 else None
-        self.builder = input_builder(image_preprocessing(model_spec.vision), self.objective)
+        self.builder = EvalInputs(image_preprocessing(model_spec.vision), self.objective)
         self.tokenizer = build_llm_tokenizer(model_spec.llm) if self.objective == 2 else None
 
     def due(self, step: int) -> bool:
@@ -105,7 +105,7 @@ class PeriodicEval:
         device = next(model.parameters()).device
         for start in range(0, self.rows.num_rows, size):
             rows = self.rows.slice(start, size)
-            inputs = {k: v.to(device) for k, v in self.builder(rows).items()}
+            inputs = self.builder(rows, device)
             captions = rows.column(CAPTION).to_pylist()
             out = scorer(inputs, captions) if self.objective == 1 else scorer(inputs)
             parts.append({"caption": np.array(captions, dtype=object), **out})

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.checkpoint.format import load_trainable_weights
 from pipeline.checkpoint.lookup import TrainedCheckpoint, find_checkpoint, read_checkpoint
 from pipeline.checkpoint.rebuild import load_trained_model
 from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
@@ -22,7 +23,7 @@ from pipeline.eval.heldout import (
     EvalError,
     HeldOutData,
     check_tokens,
-    input_builder,
+    EvalInputs,
     resolve_data,
 )
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
@@ -45,7 +46,8 @@ class EvalRequest:
         checkpoint: A checkpoint, stage or run folder (local or ``s3://``).
         data: Prep output folders or ``.parquet`` paths/globs of the held-out set.
         split: Sub-folder of each ``data`` folder holding that split's prep output.
-        out: Output folder; None: ``{checkpoint}/eval``.
+        out: Output folder; None: ``RUN/eval/STAGE-step-N`` beside the run's stage folders (not
+            inside the checkpoint, which training's keep-last-N deletion may remove).
         max_samples: Evaluate only the first N held-out samples.
         batch_size: Samples per actor batch.
         actors: Scoring actors (one CPU each); None: every CPU of the cluster.
@@ -92,7 +94,7 @@ class ScoringActor:
         source = read_checkpoint(Location(*checkpoint))
         model = load_trained_model(source)
         spec = source.model_spec
-        self.builder = input_builder(image_preprocessing(spec.vision), model.objective)
+        self.builder = EvalInputs(image_preprocessing(spec.vision), model.objective)
         if model.objective == 1:
             self.scorer = Stage1Scorer(model, CaptionGallery.from_json(gallery), scoring.itm_top_k)
         else:
@@ -117,6 +119,7 @@ def run_eval(request: EvalRequest) -> dict:
     """
     started = time.monotonic()
     checkpoint = find_checkpoint(Location.of(request.checkpoint, request.storage))
+    load_trainable_weights(checkpoint.location)  # an unreadable file is one error here, not one per actor
     data = resolve_data(request.data, request.split, request.storage or checkpoint.job.data.storage)
     objective = checkpoint.objective
     check_tokens(data, objective, checkpoint.job.model.qformer.max_text_length)
@@ -128,7 +131,7 @@ def run_eval(request: EvalRequest) -> dict:
     captions = list(outputs["caption"])
     metrics = stage1_metrics(outputs, gallery) if objective == 1 else stage2_metrics(outputs, captions)
 
-    out = Location.of(request.out, request.storage) if request.out else checkpoint.location.child("eval")
+    out = Location.of(request.out, request.storage) if request.out else default_output(checkpoint)
     sample_rows = read_rows(data.shards, [KEY, IMAGE], request.examples)  # evaluated first
     keys = sample_rows.column(KEY).to_pylist()
     shown = examples(outputs, keys, gallery)[: request.examples]
@@ -206,6 +209,11 @@ def _score(request: EvalRequest, checkpoint: TrainedCheckpoint, data: HeldOutDat
     outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     order = np.argsort(outputs["key"].astype(str), kind="stable")
     return {name: values[order] for name, values in outputs.items()}
+
+
+def default_output(checkpoint: TrainedCheckpoint) -> Location:
+    """Where ``qformer eval`` writes when not told: ``RUN/eval/STAGE-step-N``."""
+    return checkpoint.run_folder.child("eval", f"{checkpoint.stage.name}-{checkpoint.location.url.rsplit('/', 1)[-1]}")
 
 
 def _defined(name: str, metrics: dict) -> bool:

@@ -50,7 +50,11 @@ def blip2_state_dict(model: Blip2Pretrainer) -> dict[str, torch.Tensor]:
     held in 16 bits are widened exactly.
     """
     state = {}
-    for name, tensor in model.state_dict().items():
+    towers = {"vision_model.": model.vision_model}
+    if model.objective == 2:
+        towers["language_model."] = model.language_model
+    held = {prefix + name: tensor for prefix, tower in towers.items() for name, tensor in tower.state_dict().items()}
+    for name, tensor in {**model.state_dict(), **held}.items():
         if name.startswith(PRETRAINING_ONLY):
             continue
         if name.startswith("ln_vision."):

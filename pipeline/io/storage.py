@@ -32,6 +32,8 @@ class StorageError(UsageError):
     """Storage cannot be reached or refuses access: no or rejected credentials, an unreachable
     endpoint, a missing bucket, denied permissions."""
 
+    permanent = False  # an endpoint that was unreachable for a while may answer a restarted worker
+
 
 def storage_error(err: BaseException, url: str) -> StorageError | None:
     """The one-line :class:`StorageError` for ``err`` met on ``url``, or None if ``err`` is not

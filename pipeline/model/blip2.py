@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from pipeline.model.distributed import DistContext, all_gather, all_gather_with_grad
-from pipeline.model.frozen import ParameterCounts, count_parameters
+from pipeline.model.distributed import DistContext, all_gather, all_gather_with_grad, fetch_rows
+from pipeline.model.frozen import FrozenTowers, ParameterCounts, count_parameters
 from pipeline.model.llm import load_language_model
 from pipeline.model.losses import (
     contrastive_loss,
@@ -110,9 +110,11 @@ class Blip2Pretrainer(nn.Module):
     """BLIP-2 for pretraining: stage 1 (ITC + ITM + ITG) or stage 2 (frozen-LLM captioning).
 
     Only ``query_tokens``, the Q-Former and its embeddings, the projections, the heads,
-    ``ln_vision`` and ``temp`` train; the vision tower and the LLM are frozen and stay in eval
-    mode. Stage 2 builds no caption-side parts (text feed-forward, embeddings, ITC/ITM/ITG heads);
-    load a stage-1 result with ``load_trainable_state_dict(state, strict=False)``.
+    ``ln_vision`` and ``temp`` train, and only they are the module's parameters; the vision tower
+    and the LLM are frozen, stay in eval mode, and are held beside them in :attr:`towers` (never
+    cast, partitioned or checkpointed with them). Stage 2 builds no caption-side parts (text
+    feed-forward, embeddings, ITC/ITM/ITG heads); load a stage-1 result with
+    ``load_trainable_state_dict(state, strict=False)``.
 
     Data contract: ``pixel_values`` (B, 3, H, W) float32 normalised with
     :func:`pipeline.model.vision.image_preprocessing`; stage-1 ``input_ids`` are BERT ids of
@@ -150,7 +152,11 @@ class Blip2Pretrainer(nn.Module):
                              for name in names}
         q_spec = spec.qformer
 
-        self.vision_model = load_vision_tower(spec.vision)
+        # Beside the trainable modules, not among them: see FrozenTowers.
+        self.towers = FrozenTowers(
+            load_vision_tower(spec.vision),
+            load_language_model(spec.llm) if objective == 2 else None,
+        )
         self.ln_vision = nn.LayerNorm(vision_width(self.vision_model))
         adopt_output_norm(self.vision_model, self.ln_vision)
 
@@ -182,7 +188,6 @@ class Blip2Pretrainer(nn.Module):
             # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
             self.temp = nn.Parameter(torch.full((1,), spec.losses.init_temperature))
         else:
-            self.language_model = load_language_model(spec.llm)
             llm_width = self.language_model.get_input_embeddings().embedding_dim
             self.language_projection = nn.Linear(config.hidden_size, llm_width)
 
@@ -193,6 +198,26 @@ class Blip2Pretrainer(nn.Module):
                 embeddings=getattr(self, "embeddings", None),
                 lm_head=getattr(self, "lm_head", None),
             )
+
+    @property
+    def vision_model(self) -> nn.Module:
+        """The frozen vision tower (held in :attr:`towers`, outside the trainable module)."""
+        return self.towers.vision
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The frozen LLM of objective 2 (held in :attr:`towers`)."""
+        if self.towers.language_model is None:
+            raise AttributeError("a model of objective 1 has no language model")
+        return self.towers.language_model
+
+    def to(self, *args, **kwargs) -> "Blip2Pretrainer":
+        """``nn.Module.to`` for the trainable modules; the frozen towers move to the device too,
+        in their own dtype."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self.towers.to(device)
+        return super().to(*args, **kwargs)
 
     @property
     def num_query_tokens(self) -> int:
@@ -210,6 +235,14 @@ class Blip2Pretrainer(nn.Module):
             return self.forward_stage1(**batch, itm_seed=itm_seed)
         return self.forward_stage2(**batch)
 
+    def parameter_bounds(self) -> dict[str, tuple[float, float]]:
+        """Trainable parameters that must stay within bounds, by name: the ITC temperature (the
+        forward clamps the value it uses; training keeps the optimizer's master inside too)."""
+        if self.objective != 1:
+            return {}
+        losses = self.spec.losses
+        return {"temp": (losses.min_temperature, losses.max_temperature)}
+
     def _weighted_total(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """() the stage's total loss: each loss of the objective (by output field) times its weight."""
         return sum(self.loss_weights[loss.name] * values[loss.output_field]
@@ -221,7 +254,10 @@ class Blip2Pretrainer(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, P, D) ``ln_vision``-normalised frozen tower tokens."""
-        features = encode_images(self.vision_model, pixel_values)  # (B, P, D)
+        return self.normalize_image_tokens(encode_images(self.vision_model, pixel_values))
+
+    def normalize_image_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) frozen tower tokens (any dtype, no graph) -> (B, P, D) after ``ln_vision``."""
         return self.ln_vision(features.to(self.ln_vision.weight.dtype))
 
     def query_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -259,10 +295,10 @@ class Blip2Pretrainer(nn.Module):
         ctx = DistContext.current()
         losses = self.spec.losses
         batch = input_ids.shape[0]
-        with torch.no_grad():
-            self.temp.clamp_(losses.min_temperature, losses.max_temperature)
+        temperature = self.temp.clamp(losses.min_temperature, losses.max_temperature)  # (1,)
 
-        image_embeds = self.encode_image(pixel_values)  # (B, P, D)
+        tower_tokens = encode_images(self.vision_model, pixel_values)  # (B, P, D), no graph
+        image_embeds = self.normalize_image_tokens(tower_tokens)  # (B, P, D)
         query_output, itg_logits = self._generative_pass(image_embeds, input_ids, attention_mask)
 
         image_feats = self.image_features(query_output)  # (B, Q, E)
@@ -272,7 +308,7 @@ class Blip2Pretrainer(nn.Module):
             text_feat,
             all_gather_with_grad(image_feats, ctx),  # (N, Q, E)
             all_gather_with_grad(text_feat, ctx),  # (N, E)
-            self.temp,
+            temperature,
             rank=ctx.rank,
             label_smoothing=losses.label_smoothing,
         )
@@ -280,16 +316,19 @@ class Blip2Pretrainer(nn.Module):
         ids_all = all_gather(input_ids, ctx)  # (N, T)
         # Pairs whose captions are the same text are matches, never drawn as ITM negatives.
         same_caption = (ids_all[:, None, :] == ids_all[None, :, :]).all(dim=-1)  # (N, N)
-        negative_texts, negative_images = sample_hard_negatives(
+        negative_texts, negative_images_all = sample_hard_negatives(
             all_gather(itc.sim_i2t, ctx), same_caption, seed=itm_seed
-        )
+        )  # (N,) each
         local = slice(ctx.rank * batch, (ctx.rank + 1) * batch)
-        negative_texts, negative_images = negative_texts[local], negative_images[local]  # (B,)
+        negative_texts, negative_images = negative_texts[local], negative_images_all[local]  # (B,)
+        # Only the B negative images this rank uses cross the network, as frozen tower tokens
+        # (no gradient through the tower); ln_vision, replicated, is applied here.
+        negative_tokens = fetch_rows(tower_tokens, negative_images_all, ctx)  # (B, P, D)
         itm_logits = self._matching_logits(
             image_embeds,
             input_ids,
             attention_mask,
-            negative_image_embeds=all_gather_with_grad(image_embeds, ctx)[negative_images],
+            negative_image_embeds=self.normalize_image_tokens(negative_tokens),
             negative_ids=ids_all[negative_texts],
             negative_mask=all_gather(attention_mask, ctx)[negative_texts],
         )
@@ -302,7 +341,7 @@ class Blip2Pretrainer(nn.Module):
             loss_itc=itc.loss,
             loss_itm=loss_itm,
             loss_itg=loss_itg,
-            temperature=self.temp.detach().clone(),
+            temperature=temperature.detach(),
             sim_i2t=itc.sim_i2t,
             sim_t2i=itc.sim_t2i,
             itm_logits=itm_logits,
@@ -451,5 +490,6 @@ class Blip2Pretrainer(nn.Module):
         return missing, unexpected
 
     def parameter_counts(self) -> ParameterCounts:
-        """Numbers of trainable and frozen parameters."""
-        return count_parameters(self)
+        """Numbers of trainable and frozen parameters (the towers')."""
+        trainable = count_parameters(self)
+        return ParameterCounts(trainable=trainable.trainable, frozen=trainable.frozen + self.towers.parameter_count())

@@ -1,5 +1,9 @@
 """The process group the losses gather features over.
 
+Collectives move only what is used: features are gathered into one tensor in one call, their
+gradients reduce-scattered back; ITM's negative images are fetched row by row from the ranks that
+hold them (:func:`fetch_rows`) rather than gathered whole.
+
 Gradient bookkeeping for gathered features: every rank computes its losses on its *local* rows
 against the gathered batch, so the global loss is the mean of the per-rank losses. The backward
 of :func:`all_gather_with_grad` sums, over all ranks, the gradient each rank's loss sends to a
@@ -53,25 +57,25 @@ def all_gather(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 def _gather_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
-    """(N, ...) on every rank -> (world_size * N, ...), no autograd."""
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    """(N, ...) on every rank -> (world_size * N, ...) in one collective, no autograd."""
+    out = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_single(out, tensor.contiguous())
+    return out
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(autograd_ctx, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-        autograd_ctx.rank, autograd_ctx.rows = rank, tensor.shape[0]
+    def forward(autograd_ctx, tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+        autograd_ctx.world_size = world_size
         return _gather_rows(tensor, world_size)
 
     @staticmethod
     def backward(autograd_ctx, grad: torch.Tensor):
-        # Gloo has no reduce_scatter; an all-reduce then a slice gives the same result.
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = autograd_ctx.rank * autograd_ctx.rows
-        return grad[start : start + autograd_ctx.rows], None, None
+        # Each rank gets the sum over ranks of the gradient of its own rows.
+        rows = grad.shape[0] // autograd_ctx.world_size
+        out = grad.new_empty((rows, *grad.shape[1:]))
+        dist.reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return out, None
 
 
 def all_gather_with_grad(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -89,4 +93,36 @@ def all_gather_with_grad(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor
     """
     if ctx.world_size == 1:
         return tensor
-    return _AllGatherWithGrad.apply(tensor, ctx.rank, ctx.world_size)
+    return _AllGatherWithGrad.apply(tensor, ctx.world_size)
+
+
+def fetch_rows(local: torch.Tensor, requests: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The rows of the gathered batch that this rank asks for, fetched from the ranks that hold
+    them, without gathering the rest (one ``all_to_all``), and without gradient.
+
+    Args:
+        local: (B, ...) this rank's rows, the same shape on every rank.
+        requests: (W * B,) every rank's requests, the same on every rank: rank ``r`` asks for
+            gathered rows ``requests[r * B : (r + 1) * B]`` (row ``i`` is held by rank ``i // B``).
+        ctx: The process group.
+
+    Returns:
+        (B, ...) the rows this rank asked for, in the order it asked.
+    """
+    batch = local.shape[0]
+    mine = requests[ctx.rank * batch : (ctx.rank + 1) * batch]  # (B,)
+    if ctx.world_size == 1:
+        return local.detach()[mine]
+    owner = (requests // batch).cpu()  # (W * B,)
+    asker = torch.arange(requests.numel()) // batch  # (W * B,)
+    sent = (owner == ctx.rank).nonzero().squeeze(1)  # positions asked of this rank, by asker
+    send_counts = torch.bincount(asker[sent], minlength=ctx.world_size).tolist()
+    my_owners = owner[ctx.rank * batch : (ctx.rank + 1) * batch]  # (B,)
+    receive_counts = torch.bincount(my_owners, minlength=ctx.world_size).tolist()
+    outgoing = local.detach()[requests[sent.to(requests.device)] - ctx.rank * batch].contiguous()
+    incoming = local.new_empty((batch, *local.shape[1:]))  # by owner, then in asking order
+    dist.all_to_all_single(incoming, outgoing, receive_counts, send_counts)
+    order = torch.argsort(my_owners, stable=True).to(local.device)  # incoming row k is my row order[k]
+    rows = torch.empty_like(incoming)
+    rows[order] = incoming
+    return rows

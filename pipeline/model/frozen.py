@@ -1,4 +1,4 @@
-"""Freezing towers and counting what trains.
+"""Freezing towers, holding them beside the trainable model, and counting what trains.
 
 A frozen tower is in eval mode (no dropout, fixed norm statistics) with ``requires_grad=False``
 on every parameter, and stays in eval mode when ``.train()`` is called on a module containing it
@@ -47,6 +47,43 @@ def is_frozen(module: nn.Module) -> bool:
     """Whether ``module`` was frozen with :func:`freeze` and none of its parameters trains."""
     stays_eval = isinstance(module.__dict__.get("train"), functools.partial)
     return stays_eval and not any(p.requires_grad for p in module.parameters())
+
+
+class FrozenTowers:
+    """The frozen towers of a model, held beside its trainable modules, not inside them.
+
+    The towers are not submodules of the model, so nothing that works on a module's parameters
+    sees them: DeepSpeed neither casts them to its training precision nor partitions them under
+    ZeRO-3, optimizers and gradient clipping skip them, and state dicts and checkpoints leave them
+    out (a tied output embedding included). Each tower stays in the dtype its spec names, on every
+    rank whole. :meth:`to` moves them to a device without changing their dtype.
+
+    Args:
+        vision: The frozen vision tower.
+        language_model: The frozen LLM (objective 2), or None.
+    """
+
+    def __init__(self, vision: nn.Module, language_model: nn.Module | None = None):
+        self.vision, self.language_model = vision, language_model
+
+    def modules(self) -> list[nn.Module]:
+        """The towers held."""
+        return [tower for tower in (self.vision, self.language_model) if tower is not None]
+
+    def to(self, device: torch.device | str) -> None:
+        """Move every tower to ``device``; dtypes stay as they are."""
+        for tower in self.modules():
+            tower.to(device)
+
+    def dtypes(self) -> dict[str, str]:
+        """The dtype of each tower held, by role (``vision``, ``llm``)."""
+        names = {"vision": self.vision, "llm": self.language_model}
+        return {role: str(next(tower.parameters()).dtype).removeprefix("torch.")
+                for role, tower in names.items() if tower is not None}
+
+    def parameter_count(self) -> int:
+        """Parameters of all towers (a tied weight counted once)."""
+        return sum(count_parameters(tower).frozen for tower in self.modules())
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,11 @@ def contrastive_loss(
         label_smoothing: Label smoothing of both cross-entropies.
     """
     batch = image_feats.shape[0]
-    sim_i2t = image_text_similarity(image_feats, text_feat_all) / temperature  # (B, N)
-    sim_t2i = image_text_similarity(image_feats_all, text_feat, text_major=True) / temperature  # (B, N)
+    # In fp32: at temperature 0.07, bf16 similarities would be quantised to steps of ~0.03.
+    image_feats, text_feat = image_feats.float(), text_feat.float()
+    image_feats_all, text_feat_all = image_feats_all.float(), text_feat_all.float()
+    sim_i2t = image_text_similarity(image_feats, text_feat_all) / temperature.float()  # (B, N)
+    sim_t2i = image_text_similarity(image_feats_all, text_feat, text_major=True) / temperature.float()  # (B, N)
     targets = rank * batch + torch.arange(batch, device=image_feats.device)  # (B,)
     loss = (
         F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)

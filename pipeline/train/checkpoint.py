@@ -1,57 +1,68 @@
-"""Checkpoints of a stage: DeepSpeed state without frozen weights, plus what resume needs.
+"""Checkpoints of a stage: the trainable state in one portable format, plus what resume needs.
 
 A checkpoint folder holds::
 
-    ds/                     DeepSpeed engine state, one file set per rank (trainable parts only)
-    trainable.safetensors   the trainable weights, consolidated (fp32 masters under ZeRO)
-    optimizer.safetensors   the AdamW state, consolidated (ZeRO 1-3; see portable_state.py)
-    metadata.json           stage, step, samples seen, data position, world size, spec, versions
+    trainable.safetensors   the fp32 master weights of the trainable parameters (no frozen tensor)
+    optimizer.safetensors   the AdamW state and scheduler (see pipeline/train/state.py)
+    metadata.json           stage, step, samples seen, data position, world size, dtypes, spec,
+                            library versions
     metrics.jsonl           the stage's metrics up to this step
 
-Resuming at the world size and ZeRO stage that wrote a checkpoint loads ``ds/`` (DeepSpeed's own
-state, bit for bit); at another world size the consolidated files are loaded instead.
-
-Every rank writes its part into a local folder and reports it to Ray Train, which merges the
-parts into the run's storage and registers the checkpoint only once all of it is there, so a
-checkpoint being written when the run died is never the one resumed from.
+It loads at any world size and ZeRO stage. Rank 0 gathers the state, writes the folder and hands
+it to Ray Train, which uploads it in the background while training goes on and registers it only
+once it is all in storage, so a checkpoint being written when the run died is never the one
+resumed from.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+import psutil
 
-from pipeline.checkpoint.format import DS_TAG, METADATA, METRICS, OPTIMIZER, TRAINABLE
-from pipeline.train.portable_state import full_optimizer_state, full_weights, load_portable_state
+from pipeline.checkpoint.format import METADATA, METRICS
+from pipeline.train.state import TrainingState, gather_state, restore_state
 from pipeline.versions import library_versions
 
+_TMP_PREFIX = "qformer-ckpt-"
 
-def save_and_report(engine, *, rank: int, zero_stage: int, metadata: dict, metrics: dict,
-                    metrics_records: list[dict], name: str) -> None:
-    """Write this rank's part of the checkpoint and report it to Ray Train (a barrier)."""
+
+def save_and_report(engine, *, rank: int, metadata: dict, metrics: dict, metrics_records: list[dict],
+                    name: str) -> None:
+    """Gather the state on rank 0, write the checkpoint there, and report it to Ray Train (every
+    rank reports: a barrier). The upload runs in the background; the local folder is removed
+    once it is uploaded."""
     import ray.train
 
-    weights = full_weights(engine, zero_stage)
-    optimizer = full_optimizer_state(engine, zero_stage)
-    with tempfile.TemporaryDirectory(prefix="qformer-ckpt-") as folder:
-        engine.save_checkpoint(folder, tag=DS_TAG, exclude_frozen_parameters=True, save_latest=False)
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(folder) / TRAINABLE))
-            if optimizer is not None:
-                (Path(folder) / OPTIMIZER).write_bytes(optimizer)
-            record = {**metadata, "saved_at": time.time(), "versions": library_versions("deepspeed", "ray")}
-            (Path(folder) / METADATA).write_text(json.dumps(record, indent=1))
-            (Path(folder) / METRICS).write_text("".join(json.dumps(r) + "\n" for r in metrics_records))
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=name,
-        )
+    state = gather_state(engine)
+    checkpoint = None
+    if rank == 0:
+        folder = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-"))
+        state.save(folder)
+        record = {**metadata, "saved_at": time.time(), "versions": library_versions("deepspeed", "ray")}
+        (folder / METADATA).write_text(json.dumps(record, indent=1))
+        (folder / METRICS).write_text("".join(json.dumps(r) + "\n" for r in metrics_records))
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+
+def remove_stale_folders() -> list[str]:
+    """Delete the local checkpoint folders that processes no longer alive left in the temporary
+    folder (a worker killed before its upload finished); returns what was deleted."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"):
+        pid = folder.name.removeprefix(_TMP_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    return removed
 
 
 def read_metadata(folder: str | Path) -> dict:
@@ -59,46 +70,15 @@ def read_metadata(folder: str | Path) -> dict:
     return json.loads((Path(folder) / METADATA).read_text())
 
 
-def needs_portable_load(metadata: dict, *, world_size: int, zero_stage: int) -> bool:
-    """Whether ``ds/`` cannot be loaded as is: the world size or the ZeRO stage changed.
-
-    Raises:
-        ValueError: the checkpoint has no consolidated optimizer state to load instead.
-    """
-    if metadata["world_size"] == world_size and metadata["zero_stage"] == zero_stage:
-        return False
-    if metadata["zero_stage"] == 0 and zero_stage == 0:
-        return False  # without ZeRO, DeepSpeed's optimizer state is not partitioned
-    if metadata["zero_stage"] == 0:
-        raise ValueError(
-            f"the checkpoint was written with zero_stage 0 on {metadata['world_size']} workers; "
-            f"resume it with zero_stage 0 (asked: zero_stage {zero_stage} on {world_size} workers)"
-        )
-    return True
-
-
-def restore(engine, folder: str | Path, metadata: dict, *, portable: bool,
-            warmup_step: Callable[[float], None]) -> list[dict]:
-    """Load a checkpoint folder into ``engine``; returns the stage's metrics records so far.
+def restore(engine, folder: str | Path, metadata: dict, *, warmup_step: Callable[[float], None]) -> None:
+    """Load a checkpoint folder into ``engine`` (built from a model that already holds the
+    checkpoint's weights).
 
     Args:
-        engine: The freshly initialised engine (for ``portable``, of a model that already holds
-            the checkpoint's ``trainable.safetensors``).
+        engine: The freshly initialised engine.
         folder: The local checkpoint folder.
         metadata: Its ``metadata.json``.
-        portable: Load the consolidated state (another world size or ZeRO stage) instead of ``ds/``.
-        warmup_step: See :func:`pipeline.train.portable_state.load_portable_state`.
+        warmup_step: See :func:`pipeline.train.state.restore_state`.
     """
-    folder = Path(folder)
-    if portable:
-        load_portable_state(
-            engine, load_file(folder / TRAINABLE), (folder / OPTIMIZER).read_bytes(),
-            step=metadata["step"], samples=metadata["samples_seen"], warmup_step=warmup_step,
-        )
-    else:
-        engine.load_checkpoint(
-            str(folder), tag=DS_TAG, load_module_strict=False,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
-        )
-    metrics_path = folder / METRICS
-    return [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    restore_state(engine, TrainingState.load(Path(folder)), step=metadata["step"],
+                  samples=metadata["samples_seen"], warmup_step=warmup_step)

@@ -1,24 +1,44 @@
-"""A stage's DeepSpeed engine: the model built, initialised or restored, wrapped with its optimizer."""
+"""A stage's DeepSpeed engine: the model built, initialised or restored, wrapped with its optimizer.
+
+DeepSpeed manages only the trainable modules: the model's frozen towers are held beside them
+(``pipeline.model.frozen.FrozenTowers``), so they keep the dtype the spec names, are never
+partitioned and never reach a checkpoint.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors.torch import load_file
 
 from pipeline.checkpoint.format import TRAINABLE, load_trainable_weights
 from pipeline.io.storage import Location
 from pipeline.model import Blip2Pretrainer
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
-from pipeline.train.checkpoint import needs_portable_load, restore
-from pipeline.train.loader import Batch
+from pipeline.train.checkpoint import restore
 from pipeline.train.metrics import console
 from pipeline.train.optim import build_optimizer, build_scheduler, deepspeed_config
 from pipeline.train.seeds import init_seed
+from pipeline.train.state import set_masters
 from pipeline.train.step import StepPlan
 
 
+def select_accelerator(device: torch.device) -> str:
+    """Point DeepSpeed at the accelerator of ``device`` (the one Ray Train gave this worker),
+    before DeepSpeed is first used in this process; returns its name.
+
+    Set per worker, not inherited: a driver without GPUs (or an earlier CPU run in the same
+    shell) must not make GPU workers start DeepSpeed on its CPU backend.
+    """
+    name = "cpu" if device.type == "cpu" else device.type
+    os.environ["DS_ACCELERATOR"] = name
+    return name
+
+
 def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str | None, saved: dict | None,
-                 init_weights: Location | None, placeholder: Batch, rank: int):
+                 init_weights: Location | None, placeholder: dict[str, torch.Tensor], rank: int):
     """The DeepSpeed engine of the stage, holding the checkpoint's state when resuming.
 
     Args:
@@ -28,23 +48,22 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
         folder: The local copy of the checkpoint to resume from, or None.
         saved: That checkpoint's metadata, or None.
         init_weights: The checkpoint a new stage starts from (``init_from``), or None.
-        placeholder: A zero-weight batch (restoring at another world size steps once on it).
+        placeholder: A zero-weight batch on the device (restoring steps once on it).
         rank: This worker's rank (rank 0 reports on the console).
     """
     import deepspeed
-    from safetensors.torch import load_file
 
-    world = torch.distributed.get_world_size()
-    portable = saved is not None and needs_portable_load(saved, world_size=world, zero_stage=job.deepspeed.zero_stage)
     torch.manual_seed(init_seed(job.run.seed))
     model = Blip2Pretrainer(job.model, objective=stage.objective, loss_weights=stage.losses)
-    if portable:
+    if saved is not None:
         model.load_trainable_state_dict(load_file(f"{folder}/{TRAINABLE}"))
-    elif saved is None and init_weights is not None:
+    elif init_weights is not None:
         missing, _ = model.load_trainable_state_dict(load_trainable_weights(init_weights), strict=False)
         if rank == 0:
             console(f"[{stage.name}] initialised from {init_weights.url}; "
                     f"new (not in the source): {missing or 'none'}")
+    # fp32, before DeepSpeed rounds the working copies to the training precision.
+    initial = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
     optimizer = build_optimizer(model, stage.optimizer)
     scheduler = build_scheduler(optimizer, stage.optimizer, stage.steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -58,5 +77,16 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
                 engine.backward(engine(**placeholder).loss * weight)
                 engine.step()
 
-        restore(engine, folder, saved, portable=portable, warmup_step=warmup_step)
+        restore(engine, folder, saved, warmup_step=warmup_step)
+    else:
+        # DeepSpeed built its fp32 masters from the rounded working copies: give them the
+        # exact weights (BERT's, init_from's) instead.
+        set_masters(engine, initial)
     return engine
+
+
+def engine_dtypes(engine) -> dict[str, str]:
+    """What ran: each frozen tower's dtype, the trainable working copies', the masters'."""
+    working = next(p for p in engine.module.parameters() if p.requires_grad).dtype
+    return {**engine.module.towers.dtypes(), "trainable": str(working).removeprefix("torch."),
+            "masters": "float32"}

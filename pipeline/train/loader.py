@@ -39,7 +39,7 @@ import torch
 
 from pipeline.errors import QformerError
 from pipeline.data.augment import TrainTransform
-from pipeline.data.batches import ImageDecodeError, InputBuilder
+from pipeline.data.batches import PIXELS, ImageDecodeError, InputBuilder
 from pipeline.data.prepared import KEY, MODEL_INPUTS, TOKEN_COLUMNS, TextKind
 from pipeline.io.storage import Location
 
@@ -67,10 +67,6 @@ class LoaderConfig:
     """Samples per batch on each worker."""
     image_size: int
     """Side of the square ``pixel_values`` the vision tower expects."""
-    mean: tuple[float, float, float]
-    """Per-channel normalisation mean, for pixels in [0, 1]."""
-    std: tuple[float, float, float]
-    """Per-channel normalisation standard deviation."""
     text: TextKind
     """Token columns to read: ``qformer`` (objective 1) or ``llm`` (objective 2); only those are read."""
     augment: bool = True
@@ -87,6 +83,8 @@ class LoaderConfig:
     """Batches decoded ahead of the consumer."""
     decode_threads: int = 2
     """Threads decoding and augmenting (each works on one whole batch)."""
+    pin_memory: bool = False
+    """Hand batches over in page-locked memory (training on a GPU: asynchronous copies)."""
 
     def __post_init__(self):
         object.__setattr__(self, "shards", tuple(self.shards))
@@ -96,8 +94,6 @@ class LoaderConfig:
         for name in ("batch_size", "image_size", "shuffle_row_groups", "prefetch_batches", "decode_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            problems.append(f"mean/std: need 3 values each and std > 0, got {self.mean} / {self.std}")
         if self.text not in TOKEN_COLUMNS:
             problems.append(f"text: must be one of {sorted(TOKEN_COLUMNS)}, got {self.text!r}")
         low, high = self.crop_scale
@@ -116,16 +112,16 @@ class LoaderConfig:
     def input_builder(self) -> InputBuilder:
         """Rows -> model inputs, augmenting as configured."""
         transform = TrainTransform(self.image_size, self.augment, self.crop_scale, self.hflip)
-        return InputBuilder(transform, self.mean, self.std, self.text)
+        return InputBuilder(transform, self.text, pin_memory=self.pin_memory)
 
 
 class Batch(dict):
     """One worker's batch for one global step: the model's keyword arguments, by name.
 
-    The mapping holds only tensors, so ``model(**batch)`` works: ``pixel_values``
-    (B, 3, S, S) float32, and either ``input_ids`` / ``attention_mask`` (B, L) int64
-    (``text="qformer"``) or ``llm_input_ids`` / ``llm_attention_mask`` (B, L2) int64
-    (``text="llm"``).
+    The mapping holds only tensors: ``pixel_values`` (B, 3, S, S) uint8 (normalise them on the
+    model's device with ``pipeline.data.batches.to_device``), and either ``input_ids`` /
+    ``attention_mask`` (B, L) int64 (``text="qformer"``) or ``llm_input_ids`` /
+    ``llm_attention_mask`` (B, L2) int64 (``text="llm"``).
 
     Attributes:
         step: The global step this batch is for.
@@ -142,12 +138,18 @@ class DataError(QformerError, RuntimeError):
     """A prepared shard could not be read, or one of its rows not turned into model inputs."""
 
 
+class CorruptSample(DataError):
+    """A prepared row's image cannot be decoded: every restart would meet it again."""
+
+    permanent = True
+
+
 def placeholder_batch(config: LoaderConfig) -> Batch:
     """A batch of the stream's shapes, all zeros (masks all ones), with no sample in it: fed with
     loss weight 0 where a worker has no data for a micro-step but must join its collectives."""
     _, types = _read_footer(config.shards[0], config.columns)
     size, batch = config.image_size, config.batch_size
-    inputs = {"pixel_values": torch.zeros(batch, 3, size, size)}  # (B, 3, S, S)
+    inputs = {PIXELS: torch.zeros(batch, 3, size, size, dtype=torch.uint8)}  # (B, 3, S, S)
     for column, name in zip(TOKEN_COLUMNS[config.text], MODEL_INPUTS[config.text]):
         length = types[column].list_size
         fill = torch.ones if column.endswith("attention_mask") else torch.zeros
@@ -430,7 +432,7 @@ class BatchStream:
             inputs = self._inputs(rows, rngs)
         except ImageDecodeError as error:
             shard = config.shards[rows.column(_SHARD_COLUMN)[error.row].as_py()]
-            raise DataError(f"{shard.url}: sample {keys[error.row]!r}: {error}") from error
+            raise CorruptSample(f"{shard.url}: sample {keys[error.row]!r}: {error}") from error
         return Batch(inputs, step=step, epoch=epoch, sample_keys=tuple(keys))
 
 

@@ -88,6 +88,25 @@ def step_record(step: int, fields: tuple[str, ...], means: list[float], timing: 
     }
 
 
+def read_records(location: Location) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A torn last line (a writer killed mid-line, a full
+    disk) is dropped, and the console says so; any other unreadable line is an error.
+
+    Raises:
+        ValueError: a line other than the last is not JSON.
+    """
+    lines = read_bytes(location).decode(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ValueError(f"{location.url}: line {number} is not a JSON record") from None
+            console(f"{location.url}: dropped a torn last line ({len(line)} characters)")
+    return records
+
+
 class MetricsLog:
     """Records of one stage, kept in ``metrics.jsonl`` beside its plot.
 
@@ -99,9 +118,8 @@ class MetricsLog:
         self.location = location
         self.records: list[dict] = []
         if exists(location):
-            lines = read_bytes(location).decode().splitlines()
             # Steps after the checkpoint we resume from are trained again: drop their records.
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
+            self.records = [r for r in read_records(location) if r["step"] <= resume_step]
         self.flush()
 
     def append(self, record: dict) -> None:

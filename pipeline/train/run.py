@@ -3,7 +3,12 @@
 Each stage is one Ray Train run named after the stage, inside the run folder
 ``{run.storage}/{run.name}/``. A finished stage leaves ``{stage}/complete.json``; running the
 same job again skips finished stages and resumes the unfinished one from its latest complete
-checkpoint. Worker failures inside a stage are restarted by Ray Train (``FailureConfig``).
+checkpoint, once the driver has checked that the spec still describes what that checkpoint
+trained (``pipeline.train.resume``). Worker failures inside a stage are restarted by Ray Train
+(``FailureConfig``), except errors that would repeat on every restart (a corrupt shard, unusable
+initial weights): the worker that meets one records it (``{stage}/_fatal.json``), restarted
+workers stop at once on it, and the driver reports it. One run at a time holds the run folder
+(``pipeline.io.lease``).
 """
 
 from __future__ import annotations
@@ -12,16 +17,19 @@ import json
 import logging
 import os
 import time
+import uuid
 
 from pipeline.checkpoint.format import COMPLETE, METADATA, METRICS, SUMMARY
 from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.errors import QformerError
 from pipeline.eval.periodic import resolve_stage_evals
+from pipeline.io.lease import hold_lease
 from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
-from pipeline.train.task import StageTask
+from pipeline.train.resume import check_resumable, latest_checkpoint
+from pipeline.train.task import FATAL, StageTask
 from pipeline.train.worker import train_stage
 
 log = logging.getLogger("qformer.train")
@@ -36,28 +44,58 @@ def run_dir_of(job: JobSpec) -> Location:
 
 
 def run_training(job: JobSpec) -> dict:
-    """Run every unfinished stage in order; returns a summary (also ``summary.json``)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Run every unfinished stage in order; returns a summary (also ``summary.json``).
+
+    Raises:
+        SpecChanged: a stage would resume under a spec that changes what it trains (exit 2).
+        LeaseHeld: another run holds the run folder (exit 2).
+        TrainError: a stage failed.
+    """
     job, vision_note = resolve_model_paths(job)
-    ensure_ray(job.run.ray_address)
     run_dir = run_dir_of(job)
-    shards = _training_shards(job, run_dir)
-    job = _resolve_evals(job)
-    summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
-    previous: Location | None = None
-    for index, stage in enumerate(job.stages):
-        marker = run_dir.child(stage.name, COMPLETE)
-        if exists(marker):
-            done = json.loads(read_bytes(marker))
-            log.info("train: stage %s finished earlier (step %d); skipping", stage.name, done["step"])
-        else:
-            init = _init_weights(job, stage, run_dir, previous)
-            done = _run_stage(job, index, run_dir, shards, init)
-            write_bytes_atomic(marker, json.dumps(done, indent=1).encode())
-        previous = Location(done["checkpoint"], run_dir.options)
-        summary["stages"].append(done)
-    write_bytes_atomic(run_dir.child(SUMMARY), json.dumps(summary, indent=1).encode())
+    with hold_lease(run_dir, purpose="qformer train", stale_after_s=job.run.lease_stale_after_s):
+        finished = _check_resumes(job, run_dir)
+        ensure_ray(job.run.ray_address)
+        shards = _training_shards(job, run_dir)
+        job = _resolve_evals(job)
+        summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
+        previous: Location | None = None
+        for index, stage in enumerate(job.stages):
+            marker = run_dir.child(stage.name, COMPLETE)
+            done = finished.get(stage.name)
+            if done is None:
+                init = _init_weights(job, stage, run_dir, previous)
+                done = _run_stage(job, index, run_dir, shards, init)
+                write_bytes_atomic(marker, json.dumps(done, indent=1).encode())
+            else:
+                log.info("train: stage %s finished earlier (step %d); skipping", stage.name, done["step"])
+            previous = Location(done["checkpoint"], run_dir.options)
+            summary["stages"].append(done)
+        write_bytes_atomic(run_dir.child(SUMMARY), json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _check_resumes(job: JobSpec, run_dir: Location) -> dict[str, dict]:
+    """Before any cluster work: refuse to resume a stage under a spec that changes what it
+    trains, and say which changes are taken. Returns the finished stages to skip (a finished
+    stage whose ``steps`` was raised is continued instead, and the log says so)."""
+    finished = {}
+    for index, stage in enumerate(job.stages):
+        stage_dir = run_dir.child(stage.name)
+        marker = stage_dir.child(COMPLETE)
+        done = json.loads(read_bytes(marker)) if exists(marker) else None
+        if done is not None and done["step"] >= stage.steps:
+            finished[stage.name] = done
+            continue
+        checkpoint = latest_checkpoint(stage_dir)
+        if checkpoint is None:
+            continue
+        for change in check_resumable(job, index, checkpoint):
+            log.info("train: stage %s resumes with a changed spec: %s", stage.name, change)
+        if done is not None:
+            log.info("train: stage %s finished at step %d; continuing it to step %d (steps raised)",
+                     stage.name, done["step"], stage.steps)
+    return finished
 
 
 def resolve_model_paths(job: JobSpec) -> tuple[JobSpec, str]:
@@ -155,7 +193,7 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
     resources = {"CPU": scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    task = StageTask(job.model_dump_json(), index, run_dir, tuple(shards), init)
+    task = StageTask(job.model_dump_json(), index, run_dir, tuple(shards), init, attempt=uuid.uuid4().hex)
     storage_fs, storage_path = _ray_storage(run_dir)
     trainer = TorchTrainer(
         train_stage,
@@ -177,6 +215,10 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
+        fatal = run_dir.child(stage.name, FATAL)
+        if exists(fatal) and (record := json.loads(read_bytes(fatal)))["attempt"] == task.attempt:
+            raise TrainError(f"stage {stage.name} failed: {record['message']}",
+                             exit_status=record["exit_status"]) from None
         raise TrainError(f"stage {stage.name} failed (the run resumes from its last checkpoint "
                          f"when started again): {error}") from error
     if result.error is not None or result.checkpoint is None:

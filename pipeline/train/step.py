@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.train.loader import Batch, BatchStream
+from pipeline.data.batches import PixelNormalizer, to_device
+from pipeline.train.loader import BatchStream
 from pipeline.train.seeds import itm_seed, stream_seed
+from pipeline.train.state import clamp_masters
 from pipeline.train.streams import StreamPlan
 
 
@@ -24,6 +26,7 @@ class StepPlan:
         loss_fields: The model output fields summed for the logs (the total first).
         token_mask: The batch's attention-mask input, counted for tokens/s.
         device: Where the model runs.
+        normalizer: Normalises the batches' 8-bit pixels for the vision tower, on the device.
     """
 
     streams: StreamPlan
@@ -34,6 +37,7 @@ class StepPlan:
     loss_fields: tuple[str, ...]
     token_mask: str
     device: torch.device
+    normalizer: PixelNormalizer
 
     @property
     def micro_steps(self) -> int:
@@ -51,13 +55,15 @@ class StepPlan:
         return self.batch_size * self.micro_batches
 
 
-def train_step(engine, plan: StepPlan, batches: list[BatchStream], placeholder: Batch, step: int) -> torch.Tensor:
+def train_step(engine, plan: StepPlan, batches: list[BatchStream], placeholder: dict[str, torch.Tensor],
+               step: int) -> torch.Tensor:
     """Run optimizer step ``step`` (0-based); returns the sums over this rank's real micro-steps
     of each loss field and of the tokens, (F + 1,) float64 on the device.
 
     Every rank runs ``plan.micro_steps`` micro-steps, its own streams first and placeholders
-    (loss weight 0) after, so that every rank joins the same collectives; DeepSpeed steps the
-    optimizer after the last one.
+    (loss weight 0, ``placeholder`` already on the device) after, so that every rank joins the
+    same collectives; DeepSpeed steps the optimizer after the last one. The losses stay on the
+    device: nothing here waits for the host.
     """
     streams = plan.streams
     sums = torch.zeros(len(plan.loss_fields) + 1, dtype=torch.float64, device=plan.device)
@@ -66,7 +72,7 @@ def train_step(engine, plan: StepPlan, batches: list[BatchStream], placeholder: 
         for slot in range(streams.per_rank):
             if slot < len(streams.mine):
                 torch.manual_seed(stream_seed(plan.run_seed, plan.stage_index, micro_step, streams.mine[slot]))
-                batch = {k: v.to(plan.device) for k, v in next(batches[slot]).items()}
+                batch = to_device(next(batches[slot]), plan.device, plan.normalizer)
                 weight = streams.loss_weight
             else:
                 batch, weight = placeholder, 0.0
@@ -77,4 +83,5 @@ def train_step(engine, plan: StepPlan, batches: list[BatchStream], placeholder: 
             if weight:
                 values = [out[field].detach().double() for field in plan.loss_fields]
                 sums += torch.stack([*values, batch[plan.token_mask].sum().double()])
+    clamp_masters(engine, engine.module.parameter_bounds())
     return sums

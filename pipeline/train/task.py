@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from pipeline.io.storage import Location
 
+FATAL = "_fatal.json"
+"""In a stage folder: an error of this attempt that would repeat on every restart."""
+
 
 @dataclass(frozen=True)
 class StageTask:
@@ -17,6 +20,8 @@ class StageTask:
         run_dir: The run folder.
         shards: The prepared training shards, in corpus order.
         init_weights: A checkpoint folder whose trained weights a new stage starts from.
+        attempt: Names this ``qformer train`` invocation's run of the stage (a fatal error
+            recorded by an earlier invocation does not stop this one).
     """
 
     job_json: str
@@ -24,6 +29,7 @@ class StageTask:
     run_dir: Location
     shards: tuple[Location, ...]
     init_weights: Location | None
+    attempt: str = ""
 
     def to_config(self) -> dict:
         return {
@@ -32,6 +38,7 @@ class StageTask:
             "run_dir": [self.run_dir.url, self.run_dir.options],
             "shards": [[s.url, s.options] for s in self.shards],
             "init_weights": [self.init_weights.url, self.init_weights.options] if self.init_weights else None,
+            "attempt": self.attempt,
         }
 
     @classmethod
@@ -43,4 +50,5 @@ class StageTask:
             run_dir=Location(*config["run_dir"]),
             shards=tuple(Location(url, options) for url, options in config["shards"]),
             init_weights=Location(*init) if init else None,
+            attempt=config["attempt"],
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -11,21 +10,24 @@ import torch
 
 from pipeline.checkpoint.format import METRICS, checkpoint_name
 from pipeline.checkpoint.rebuild import rebuild_model
+from pipeline.data.batches import PixelNormalizer, to_device
 from pipeline.data.prepared import MODEL_INPUTS, text_kind
+from pipeline.errors import QformerError
 from pipeline.eval.periodic import PeriodicEval, progress_line, stage_evaluator
+from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.model import image_preprocessing
 from pipeline.spec import JobSpec
 from pipeline.spec.losses import logged_fields
 from pipeline.spec.train import StageSpec
-from pipeline.train.checkpoint import read_metadata, save_and_report
-from pipeline.train.engine import build_engine
+from pipeline.train.checkpoint import read_metadata, remove_stale_folders, save_and_report
+from pipeline.train.engine import build_engine, engine_dtypes, select_accelerator
 from pipeline.train.loader import BatchStream, LoaderConfig, placeholder_batch
 from pipeline.train.metrics import MetricsLog, StepClock, console, plot_losses, step_record
-from pipeline.train.portable_state import full_weights
+from pipeline.train.state import zero3_masters
 from pipeline.train.seeds import data_seed
 from pipeline.train.step import StepPlan, train_step
 from pipeline.train.streams import StreamPlan, stream_count
-from pipeline.train.task import StageTask
+from pipeline.train.task import FATAL, StageTask
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,39 @@ class WorkerStage:
 
 def train_stage(config: dict) -> None:
     """Ray Train entry point: build the model, restore, train the stage, checkpoint."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import ray.train
     import ray.train.torch
     import transformers
 
+    select_accelerator(ray.train.torch.get_device())
     transformers.logging.set_verbosity_error()
+    remove_stale_folders()
     task = StageTask.from_config(config)
     job = JobSpec.model_validate_json(task.job_json)
+    fatal = task.run_dir.child(job.stages[task.stage_index].name, FATAL)
+    _stop_if_fatal(fatal, task.attempt)
+    try:
+        _train(task, job)
+    except QformerError as error:
+        if error.permanent:  # restarted workers would meet it again: they stop at once on it
+            write_bytes_atomic(fatal, json.dumps({"attempt": task.attempt, "message": str(error),
+                                                  "exit_status": error.exit_status}).encode())
+        raise
+
+
+def _stop_if_fatal(fatal: Location, attempt: str) -> None:
+    """Raise the error an earlier worker of this attempt recorded, before loading anything."""
+    if exists(fatal):
+        record = json.loads(read_bytes(fatal))
+        if record["attempt"] == attempt:
+            raise QformerError(record["message"], exit_status=record["exit_status"])
+
+
+def _train(task: StageTask, job: JobSpec) -> None:
+    """Build the engine, restore, train the stage, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
     me = WorkerStage(job, task, job.stages[task.stage_index], ray.train.get_context().get_world_rank(),
                      _worker_nodes())
     stage = me.stage
@@ -71,8 +98,8 @@ def train_stage(config: dict) -> None:
         folder = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
         saved = read_metadata(folder) if folder else None
         plan = _step_plan(me, saved, ray.train.torch.get_device())
-        loader_config = _loader_config(job, task, stage)
-        placeholder = {k: v.to(plan.device) for k, v in placeholder_batch(loader_config).items()}
+        loader_config = _loader_config(job, task, stage, pin_memory=plan.device.type == "cuda")
+        placeholder = to_device(placeholder_batch(loader_config), plan.device, plan.normalizer)
         engine = build_engine(job, stage, plan, folder=folder, saved=saved, init_weights=task.init_weights,
                               placeholder=placeholder, rank=me.rank)
     start_step = saved["step"] if saved else 0
@@ -113,8 +140,10 @@ def train_stage(config: dict) -> None:
 def _step_plan(me: WorkerStage, saved: dict | None, device: torch.device) -> StepPlan:
     scaling, objective = me.job.scaling, me.stage.objective
     streams = StreamPlan.of(stream_count(scaling.workers, scaling.data_streams, saved), me.rank, me.world)
+    preprocessing = image_preprocessing(me.job.model.vision)
     return StepPlan(streams, me.job.deepspeed.gradient_accumulation_steps, me.stage.batch_size, me.job.run.seed,
-                    me.task.stage_index, logged_fields(objective), MODEL_INPUTS[text_kind(objective)][1], device)
+                    me.task.stage_index, logged_fields(objective), MODEL_INPUTS[text_kind(objective)][1], device,
+                    PixelNormalizer(preprocessing.mean, preprocessing.std))
 
 
 def _data_wait(batches: list[BatchStream]) -> float:
@@ -130,14 +159,11 @@ def _log_step(metrics_log: MetricsLog, clock: StepClock, stage: StageSpec, plan:
     console(clock.progress_line(stage.name, record))
 
 
-def _loader_config(job: JobSpec, task: StageTask, stage: StageSpec) -> LoaderConfig:
-    preprocessing = image_preprocessing(job.model.vision)
+def _loader_config(job: JobSpec, task: StageTask, stage: StageSpec, *, pin_memory: bool) -> LoaderConfig:
     return LoaderConfig(
         shards=task.shards,
         batch_size=stage.batch_size,
-        image_size=preprocessing.image_size,
-        mean=preprocessing.mean,
-        std=preprocessing.std,
+        image_size=image_preprocessing(job.model.vision).image_size,
         text=text_kind(stage.objective),
         augment=stage.augmentation.enabled,
         crop_scale=stage.augmentation.crop_scale,
@@ -145,6 +171,7 @@ def _loader_config(job: JobSpec, task: StageTask, stage: StageSpec) -> LoaderCon
         seed=data_seed(job.run.seed, task.stage_index),
         prefetch_batches=job.data.prefetch_batches,
         decode_threads=job.data.decode_threads,
+        pin_memory=pin_memory,
     )
 
 
@@ -167,7 +194,7 @@ class _EvalModel:
     def __call__(self, engine) -> torch.nn.Module:
         if self.job.deepspeed.zero_stage < 3:
             return engine.module
-        weights = full_weights(engine, 3)  # a collective: every rank gathers
+        weights = zero3_masters(engine)  # a collective: every rank gathers
         if self._copy is None:
             self._copy = rebuild_model(self.job.model, self.stage.objective, weights, "the training engine")
         else:
@@ -192,12 +219,12 @@ def _checkpoint(me: WorkerStage, engine, plan: StepPlan, batches: list[BatchStre
         metrics_log.flush()
     position = batches[0].position(done * plan.accumulation) if batches else None
     save_and_report(
-        engine, rank=me.rank, zero_stage=job.deepspeed.zero_stage,
+        engine, rank=me.rank,
         metadata={"stage": stage.name, "stage_index": me.task.stage_index, "step": done,
                   "samples_seen": done * plan.samples_per_step, "data_position": position,
                   "data_streams": plan.streams.total, "world_size": me.world, "worker_nodes": me.nodes,
-                  "resumed_from_step": resumed_from,
-                  "zero_stage": job.deepspeed.zero_stage, "spec": json.loads(me.task.job_json)},
+                  "resumed_from_step": resumed_from, "zero_stage": job.deepspeed.zero_stage,
+                  "dtypes": engine_dtypes(engine), "spec": json.loads(me.task.job_json)},
         metrics={"step": done, "loss": loss},
         metrics_records=metrics_log.records if me.rank == 0 else [],
         name=checkpoint_name(done),

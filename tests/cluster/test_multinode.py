@@ -28,7 +28,7 @@ from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 from pipeline.train.run import TrainError, run_training
 from tests.data.corpus import bad_corpus_spec, write_bad_corpus
-from tests.train.helpers import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
+from tests.train.helpers import in_bf16, job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ STEPS = 40  # enough that a kill at the first checkpoint lands mid-stage
 def _stage2_job(name: str, storage: str, prepared: str, **storage_options) -> dict:
     """Stage 2 alone (LM loss: no cross-rank terms), so a resumed run can be compared exactly
     with an uninterrupted one whatever the number of workers."""
-    job = tiny_job(name, storage, prepared, stage1_steps=STEPS, stage2_steps=None, checkpoint_every=4,
-                   **storage_options)
+    job = in_bf16(tiny_job(name, storage, prepared, stage1_steps=STEPS, stage2_steps=None, checkpoint_every=4,
+                           **storage_options))
     job["stages"][0].update(name="caption", losses={"lm": 1.0})
     return job
 

@@ -14,7 +14,7 @@ from pipeline.eval import metrics
 from pipeline.checkpoint.lookup import find_checkpoint
 from pipeline.checkpoint.rebuild import load_trained_model
 from pipeline.data.prepared import read_rows
-from pipeline.eval.heldout import CaptionGallery, input_builder, resolve_data
+from pipeline.eval.heldout import CaptionGallery, EvalInputs, resolve_data
 from pipeline.io.storage import Location
 from pipeline.model import build_llm_tokenizer, image_preprocessing
 from pipeline.model.losses import image_text_similarity
@@ -31,7 +31,7 @@ def _brute_force_i2t(checkpoint, prepared: str) -> tuple[np.ndarray, np.ndarray]
     data = resolve_data([prepared])
     gallery = CaptionGallery.read(data.shards)
     rows = read_rows(data.shards, ["key", "caption", "image", "qformer_input_ids", "qformer_attention_mask"], SAMPLES)
-    build = input_builder(image_preprocessing(source.model_spec.vision), 1)
+    build = EvalInputs(image_preprocessing(source.model_spec.vision), 1)
     with torch.no_grad():
         texts = torch.cat([model.text_features(torch.as_tensor(gallery.input_ids[i : i + 1]),
                                                torch.as_tensor(gallery.attention_mask[i : i + 1]))
@@ -85,14 +85,17 @@ def test_stage2_eval_generates_captions_and_scores_them(tiny_checkpoints, prepar
     code = main(["eval", str(tiny_checkpoints[2]), "--data", str(tmp_path / "sets"), "--split", "test",
                  "--max-samples", "16", "--batch-size", "8", "--beams", "2", "--max-new-tokens", "4"])
     assert code == 0
-    report = json.loads((tiny_checkpoints[2] / "eval" / "eval.json").read_text())
+    # Not inside the checkpoint (keep-last-N deletion would remove it): beside the stage folders.
+    out = tiny_checkpoints[2].parent.parent / "eval" / f"stage2-{tiny_checkpoints[2].name}"
+    assert not (tiny_checkpoints[2] / "eval").exists()
+    report = json.loads((out / "eval.json").read_text())
     m = report["metrics"]
     assert report["samples"] == 16 and report["data"].endswith("sets/test")
     assert {"exact_match", "token_f1", "beam_exact_match", "beam_token_f1"} <= set(m)
     assert m["perplexity"] == pytest.approx(np.exp(m["caption_loss"]), rel=1e-4)
     example = report["examples"][0]
     assert example["generated_exact_match"] == metrics.exact_match(example["generated"], example["caption"])
-    assert (tiny_checkpoints[2] / "eval" / "sheet.png").exists()
+    assert (out / "sheet.png").exists()
 
 
 def test_stage2_scorer_matches_the_training_loss_and_a_hand_written_greedy_loop(tiny_checkpoints, prepared_demo):
@@ -102,7 +105,7 @@ def test_stage2_scorer_matches_the_training_loss_and_a_hand_written_greedy_loop(
     tokenizer = build_llm_tokenizer(spec.llm)
     rows = read_rows(resolve_data([prepared_demo]).shards,
                      ["key", "caption", "image", "llm_input_ids", "llm_attention_mask"], 4)
-    inputs = input_builder(image_preprocessing(spec.vision), 2)(rows)
+    inputs = EvalInputs(image_preprocessing(spec.vision), 2)(rows)
     out = Stage2Scorer(model, tokenizer, ScoringSpec(decoding=DecodingSpec(max_new_tokens=3)))(inputs)
     with torch.no_grad():
         loss = model(**inputs).loss_lm

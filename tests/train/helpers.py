@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import psutil
 
@@ -39,6 +40,14 @@ def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
     if storage_options:
         job["run"]["storage_options"] = storage_options
     return job
+
+
+def in_bf16(raw: dict) -> dict:
+    """``raw`` trained as users train: bf16 working precision, a float16 vision tower and a bf16
+    LLM (tiny:llama ties its output embedding to its input one)."""
+    raw["deepspeed"]["precision"] = "bf16"
+    raw["model"]["vision"]["dtype"], raw["model"]["llm"]["dtype"] = "float16", "bfloat16"
+    return raw
 
 
 def job_spec(raw: dict) -> JobSpec:
@@ -81,3 +90,93 @@ def train_worker_pids() -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return workers
+
+
+def engine_job(root: Path, *, zero_stage: int = 2, precision: str = "fp32", vision_dtype: str = "float32",
+               llm_dtype: str = "float32") -> JobSpec:
+    """The tiny two-stage job with the given engine settings (its data is never read)."""
+    raw = tiny_job("engine", str(root / "runs"), str(root / "unused"), zero_stage=zero_stage)
+    raw["deepspeed"]["precision"] = precision
+    raw["model"]["vision"]["dtype"] = vision_dtype
+    raw["model"]["llm"]["dtype"] = llm_dtype
+    return job_spec(raw)
+
+
+def random_batch(model, seed: int, batch_size: int = 4) -> dict:
+    """Random images (normalised) and caption tokens of ``model``'s objective."""
+    import torch
+
+    from pipeline.model import build_llm_tokenizer, build_qformer_tokenizer
+
+    generator = torch.Generator().manual_seed(seed)
+    size = model.spec.vision.image_size
+    pixels = torch.randn(batch_size, 3, size, size, generator=generator)
+    words = ("red", "green", "blue", "circle", "square", "triangle")
+    captions = [f"a {words[(seed + i) % 3]} {words[3 + (seed + 2 * i) % 3]}" for i in range(batch_size)]
+    if model.objective == 1:
+        tokens = build_qformer_tokenizer(model.spec.qformer)(
+            captions, padding="max_length", truncation=True, max_length=model.spec.qformer.max_text_length,
+            return_tensors="pt")
+        return {"pixel_values": pixels, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    tokenizer = build_llm_tokenizer(model.spec.llm)
+    tokens = tokenizer([c + tokenizer.eos_token for c in captions], padding="max_length", max_length=8,
+                       return_tensors="pt")
+    return {"pixel_values": pixels, "llm_input_ids": tokens["input_ids"], "llm_attention_mask": tokens["attention_mask"]}
+
+
+def build_test_engine(job_json: str, *, stage_index: int, resume_from: str | None = None):
+    """The engine a Ray Train worker builds for the stage (in a process where torch.distributed
+    is initialised), resuming from a folder holding a saved training state when given."""
+    import torch
+
+    from pipeline.train.engine import build_engine
+    from pipeline.train.step import StepPlan
+    from pipeline.train.streams import StreamPlan
+
+    job = JobSpec.model_validate_json(job_json)
+    stage = job.stages[stage_index]
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    plan = StepPlan(StreamPlan.of(world, rank, world), 1, stage.batch_size, job.run.seed, stage_index,
+                    (), "attention_mask", torch.device("cpu"), None)
+    saved = placeholder = None
+    if resume_from is not None:
+        saved = {"step": 2, "samples_seen": 2 * stage.batch_size * world}
+        from pipeline.model import Blip2Pretrainer
+
+        probe = Blip2Pretrainer(job.model, objective=stage.objective)
+        placeholder = {k: torch.zeros_like(v) if k == "pixel_values" else v
+                       for k, v in random_batch(probe, 0, stage.batch_size).items()}
+    return build_engine(job, stage, plan, folder=resume_from, saved=saved, init_weights=None,
+                        placeholder=placeholder, rank=rank)
+
+
+def run_ranks(function, world: int, *args):
+    """Run ``function(rank, *args, out)`` in ``world`` gloo processes; returns what rank 0 saved
+    with ``torch.save`` to the last argument (a path), or None when it saved nothing."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ranked, args=(world, port, function, args), nprocs=world, join=True)
+    out = Path(str(args[-1]))
+    return torch.load(out, weights_only=False) if out.is_file() else None
+
+
+def _ranked(rank: int, world: int, port: int, function, args) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        function(rank, *args)
+    finally:
+        dist.destroy_process_group()
