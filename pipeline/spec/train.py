@@ -33,9 +33,9 @@ class RunSpec(SpecModel):
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept per stage (the newest ones)."""
     accept_changes: list[str] = Field(default_factory=list)
-    """Spec fields (dotted paths, ``*`` wildcards; ``stage.X`` is the resumed stage's field X)
-    whose change a resumed stage accepts although it changes what the run trains, e.g.
-    ``[stage.optimizer.lr]``; each accepted change is listed when the run resumes."""
+    """Spec fields (dotted paths as ``--set`` writes them, ``*`` wildcards) whose change a resumed
+    stage accepts although it changes what the run trains, e.g. ``[stages.0.optimizer.lr]``; each
+    accepted change is listed when the run resumes."""
     lease_stale_after_s: float = Field(300.0, gt=0)
     """A run holds a lease on its folder (one run at a time) and refreshes it while it runs; a
     lease not refreshed for this long is taken over by the next run."""

@@ -31,9 +31,9 @@ HARMLESS = (
     "scaling.workers", "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.max_failures",
     "data.decode_threads", "data.prefetch_batches", "data.storage.*",
     "deepspeed.zero_stage",
-    "stage.log_every", "stage.checkpoint_every", "stage.eval", "stage.eval.*", "stage.steps",
+    "stages.*.log_every", "stages.*.checkpoint_every", "stages.*.eval", "stages.*.eval.*", "stages.*.steps",
 )
-"""Field paths (``stage.*`` meaning the stage being resumed) whose change a resumed run honours."""
+"""Field paths (``*`` wildcards) whose change a resumed run honours."""
 
 
 class SpecChanged(UsageError):
@@ -76,9 +76,9 @@ def check_resumable(job: JobSpec, stage_index: int, checkpoint: Location) -> lis
 
 
 def _comparable(job: JobSpec, stage_index: int) -> dict[str, Any]:
-    """The job as plain data, with the stage being resumed under ``stage`` and the others out."""
+    """The job as plain data, with only the stage being resumed under ``stages.N``."""
     data = job.model_dump(mode="json", exclude={"stages"})
-    data["stage"] = job.stages[stage_index].model_dump(mode="json")
+    data["stages"] = {str(stage_index): job.stages[stage_index].model_dump(mode="json")}
     return data
 
 

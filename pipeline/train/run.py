@@ -24,7 +24,7 @@ from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.errors import QformerError
 from pipeline.eval.periodic import resolve_stage_evals
 from pipeline.io.lease import hold_lease
-from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
+from pipeline.io.storage import Location, exists, read_bytes, remove_partial_writes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
@@ -55,6 +55,8 @@ def run_training(job: JobSpec) -> dict:
     run_dir = run_dir_of(job)
     with hold_lease(run_dir, purpose="qformer train", stale_after_s=job.run.lease_stale_after_s):
         finished = _check_resumes(job, run_dir)
+        for leftover in remove_partial_writes(run_dir):
+            log.info("train: removed %s, left half-written by a killed run", leftover)
         ensure_ray(job.run.ray_address)
         shards = _training_shards(job, run_dir)
         job = _resolve_evals(job)

@@ -45,8 +45,8 @@ def test_changes_to_what_a_stage_trains_are_refused_naming_each_field(saved):
     with pytest.raises(SpecChanged) as refused:
         check_resumable(job_spec(changed), 0, Location.of(str(checkpoint)))
     message = str(refused.value)
-    assert "stage.batch_size: 4 in the checkpoint, 8 now" in message
-    assert "stage.optimizer.lr: 0.001 in the checkpoint, 0.0005 now" in message
+    assert "stages.0.batch_size: 4 in the checkpoint, 8 now" in message
+    assert "stages.0.optimizer.lr: 0.001 in the checkpoint, 0.0005 now" in message
     assert "model.qformer.num_query_tokens: 4 in the checkpoint, 8 now" in message
 
 
@@ -58,10 +58,10 @@ def test_harmless_and_accepted_changes_pass_and_are_listed(saved):
     changed["stages"][0]["checkpoint_every"] = 5
     changed["stages"][0]["steps"] = 20
     changed["stages"][0]["optimizer"]["lr"] = 5e-4
-    changed["run"]["accept_changes"] = ["stage.optimizer.lr"]
+    changed["run"]["accept_changes"] = ["stages.0.optimizer.lr"]
     accepted = check_resumable(job_spec(changed), 0, Location.of(str(checkpoint)))
-    assert "stage.optimizer.lr: 0.001 in the checkpoint, 0.0005 now" in accepted
-    assert "stage.steps: 6 in the checkpoint, 20 now" in accepted and len(accepted) == 6
+    assert "stages.0.optimizer.lr: 0.001 in the checkpoint, 0.0005 now" in accepted
+    assert "stages.0.steps: 6 in the checkpoint, 20 now" in accepted and len(accepted) == 6
 
 
 def test_qformer_train_refuses_a_changed_spec_in_one_line_before_ray_starts(saved, tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_qformer_train_refuses_a_changed_spec_in_one_line_before_ray_starts(save
     spec.write_text(yaml.safe_dump(raw))
     assert main(["train", str(spec)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: stage stage1 resumes from") and "stage.batch_size: 4" in err
+    assert err.startswith("error: stage stage1 resumes from") and "stages.0.batch_size: 4" in err
     assert "\n" not in err and not ray.is_initialized()
 
 
