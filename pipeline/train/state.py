@@ -122,7 +122,9 @@ def set_masters(engine, weights: Mapping[str, torch.Tensor]) -> None:
 
     for name, p in trainable_parameters(engine):
         value = weights[name].to(device=p.device, dtype=torch.float32)
-        if _partitioned(p):
+        if hasattr(p, "ds_id"):
+            _set_zero3_partition(p, value, None)
+        elif _partitioned(p):
             safe_set_full_fp32_param(p, value)  # sets only this rank's part, if it holds one
         else:  # no ZeRO, fp32: the parameter is the master
             with torch.no_grad():
@@ -157,7 +159,9 @@ def restore_state(engine, state: TrainingState, *, step: int, samples: int,
     for name, p in trainable_parameters(engine):
         for key in MOMENTS:
             value = state.moments[f"{name}.{key}"].to(p.device)
-            if _partitioned(p):
+            if hasattr(p, "ds_id"):
+                _set_zero3_partition(p, value, key)
+            elif _partitioned(p):
                 safe_set_full_optimizer_state(p, value, key)
             else:
                 _torch_optimizer(engine).state[p][key].copy_(value)
@@ -231,6 +235,26 @@ def _gather_fragments(params: list[torch.nn.Parameter], kinds) -> dict:
 def _partitioned(p: torch.nn.Parameter) -> bool:
     """Whether DeepSpeed keeps ``p``'s master apart from it (ZeRO or its bf16 optimizer)."""
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _set_zero3_partition(p: torch.nn.Parameter, value: torch.Tensor, kind: str | None) -> None:
+    """Write this rank's ZeRO-3 partition of ``p``'s master (``kind`` None) or moment from the
+    full ``value``. DeepSpeed's own full-value setter forgets that the last partitions are
+    padded, and fails on parameters whose size the world size does not divide."""
+    from deepspeed.utils import (
+        safe_get_local_fp32_param,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    size = safe_get_local_fp32_param(p).numel()
+    padded = torch.zeros(size * dist.get_world_size(), dtype=torch.float32, device=value.device)
+    padded[: value.numel()] = value.flatten()
+    part = padded.narrow(0, dist.get_rank() * size, size)
+    if kind is None:
+        safe_set_local_fp32_param(p, part)
+    else:
+        safe_set_local_optimizer_state(p, part, kind)
 
 
 def _full_zero3(p: torch.nn.Parameter, kind: str | None) -> torch.Tensor:

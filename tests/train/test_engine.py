@@ -88,17 +88,19 @@ def _restore_and_gather(rank: int, job_json: str, folder: str, out: str) -> None
                     "scheduler": state.scheduler}, out)
 
 
-def test_masters_and_moments_resume_bitwise_at_another_world_size_under_bf16(tmp_path):
+@pytest.mark.parametrize("zero_stage, saved_by, restored_by", [(2, 2, 1), (3, 1, 2)])
+def test_masters_and_moments_resume_bitwise_at_another_world_size_under_bf16(tmp_path, zero_stage, saved_by,
+                                                                            restored_by):
     from pipeline.train.state import TrainingState
 
-    job = engine_job(tmp_path, zero_stage=2, precision="bf16").model_dump_json()
+    job = engine_job(tmp_path, zero_stage=zero_stage, precision="bf16").model_dump_json()
     folder = tmp_path / "checkpoint"
     folder.mkdir()
-    run_ranks(_train_and_save, 2, job, str(folder))
+    run_ranks(_train_and_save, saved_by, job, str(folder))
     saved = TrainingState.load(folder)
     assert saved.adam_step == 2 and all(t.dtype == torch.float32 for t in saved.weights.values())
 
-    restored = run_ranks(_restore_and_gather, 1, job, str(folder), tmp_path / "restored.pt")
+    restored = run_ranks(_restore_and_gather, restored_by, job, str(folder), tmp_path / "restored.pt")
     assert restored["adam_step"] == saved.adam_step and restored["scheduler"] == saved.scheduler
     for kind in ("weights", "moments"):
         ours, theirs = getattr(saved, kind), restored[kind]
