@@ -111,8 +111,9 @@ class Blip2Pretrainer(nn.Module):
 
     Only ``query_tokens``, the Q-Former and its embeddings, the projections, the heads,
     ``ln_vision`` and ``temp`` train; the vision tower and the LLM are frozen and stay in eval
-    mode. Stage 2 builds no caption-side parts (text feed-forward, embeddings, ITC/ITM/ITG heads);
-    load a stage-1 result with ``load_trainable_state_dict(state, strict=False)``.
+    mode. Stage 2 builds no caption-side parts (text feed-forward, embeddings, ITC/ITM/ITG heads)
+    and stage 1 no ``language_projection`` (:mod:`pipeline.model.parts`); a stage starts from
+    another stage's result through ``pipeline.checkpoint.initial.load_initial_weights``.
 
     Data contract: ``pixel_values`` (B, 3, H, W) float32 normalised with
     :func:`pipeline.model.vision.image_preprocessing`; stage-1 ``input_ids`` are BERT ids of
@@ -186,7 +187,7 @@ class Blip2Pretrainer(nn.Module):
             llm_width = self.language_model.get_input_embeddings().embedding_dim
             self.language_projection = nn.Linear(config.hidden_size, llm_width)
 
-        if q_spec.load_bert_weights:
+        if q_spec.init == "bert":
             copy_bert_weights(
                 q_spec.bert,
                 self.qformer,
