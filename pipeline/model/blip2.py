@@ -126,6 +126,9 @@ class Blip2Pretrainer(nn.Module):
             learning with the LLM: its stage 2).
         loss_weights: Weight of each loss of the objective by name (``pipeline.spec.losses``;
             a curriculum stage's ``losses``); absent losses weigh 0. None weighs each 1.
+        tower_weights: False builds the frozen towers from their configs alone, reading none of
+            their weights; under ``torch.device("meta")`` (with ``qformer.init: random``) the
+            model then costs nothing and gives its parameters' names and shapes.
 
     Example:
         >>> model = Blip2Pretrainer(spec, objective=1)
@@ -139,6 +142,7 @@ class Blip2Pretrainer(nn.Module):
         *,
         objective: Objective = 1,
         loss_weights: Mapping[str, float] | None = None,
+        tower_weights: bool = True,
     ):
         super().__init__()
         if objective not in (1, 2):
@@ -151,7 +155,7 @@ class Blip2Pretrainer(nn.Module):
                              for name in names}
         q_spec = spec.qformer
 
-        self.vision_model = load_vision_tower(spec.vision)
+        self.vision_model = load_vision_tower(spec.vision, weights=tower_weights)
         self.ln_vision = nn.LayerNorm(vision_width(self.vision_model))
         adopt_output_norm(self.vision_model, self.ln_vision)
 
@@ -183,7 +187,7 @@ class Blip2Pretrainer(nn.Module):
             # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
             self.temp = nn.Parameter(torch.full((1,), spec.losses.init_temperature))
         else:
-            self.language_model = load_language_model(spec.llm)
+            self.language_model = load_language_model(spec.llm, weights=tower_weights)
             llm_width = self.language_model.get_input_embeddings().embedding_dim
             self.language_projection = nn.Linear(config.hidden_size, llm_width)
 

@@ -121,11 +121,13 @@ def _side(size: int | list | tuple | dict | None) -> int | None:
     return None
 
 
-def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
+def load_vision_tower(spec: VisionTowerSpec, *, weights: bool = True) -> PreTrainedModel:
     """Load, optionally truncate, and freeze the vision tower of ``spec``.
 
     Args:
         spec: The vision tower section of the model spec.
+        weights: False builds the tower from its config alone, reading no weights, on the
+            current default device (under ``torch.device("meta")``: its shapes, for nothing).
 
     Returns:
         The frozen tower, held in ``spec.dtype``, in eval mode.
@@ -140,6 +142,25 @@ def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
     model_cls = _vision_model_class(config)
     dtype = torch_dtype(spec.dtype)
     prefix = _PREFIXED_VISION_TOWERS.get(full_config.model_type)
+    if not weights:
+        model = (AutoModel.from_config(config, dtype=dtype) if model_cls is AutoModel
+                 else model_cls._from_config(config, dtype=dtype))
+    else:
+        model = _pretrained_tower(spec.name, path, model_cls, config, dtype, prefix)
+    if spec.drop_last_layer:
+        if prefix is not None:
+            log.warning(
+                "%s: a BLIP-2 checkpoint's vision tower already lacks EVA ViT-g's last layer; "
+                "drop_last_layer removes another one (%d -> %d layers)",
+                spec.name, config.num_hidden_layers, config.num_hidden_layers - 1,
+            )
+        drop_last_layer(model)
+    return freeze(model)
+
+
+def _pretrained_tower(name: str, path: str, model_cls, config: PretrainedConfig, dtype: torch.dtype,
+                      prefix: str | None) -> PreTrainedModel:
+    """The tower with the checkpoint's weights, every one of which it needs present."""
     if prefix is None:
         model, info = model_cls.from_pretrained(
             path, config=config, dtype=dtype, output_loading_info=True
@@ -159,18 +180,10 @@ def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
     )
     if missing:
         raise VisionTowerError(
-            f"{spec.name}: {len(missing)} weights of {type(model).__name__} are not in the "
+            f"{name}: {len(missing)} weights of {type(model).__name__} are not in the "
             f"checkpoint, e.g. {missing[:3]}"
         )
-    if spec.drop_last_layer:
-        if prefix is not None:
-            log.warning(
-                "%s: a BLIP-2 checkpoint's vision tower already lacks EVA ViT-g's last layer; "
-                "drop_last_layer removes another one (%d -> %d layers)",
-                spec.name, config.num_hidden_layers, config.num_hidden_layers - 1,
-            )
-        drop_last_layer(model)
-    return freeze(model)
+    return model
 
 
 def _vision_model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
