@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.checkpoint.format import TRAINABLE, load_trainable_weights
-from pipeline.io.storage import Location
+from pipeline.checkpoint.format import TRAINABLE
+from pipeline.checkpoint.initial import load_initial_weights
+from pipeline.checkpoint.sources import InitSource
 from pipeline.model import Blip2Pretrainer
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
@@ -18,7 +19,7 @@ from pipeline.train.step import StepPlan
 
 
 def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str | None, saved: dict | None,
-                 init_weights: Location | None, placeholder: Batch, rank: int):
+                 init_weights: InitSource | None, placeholder: Batch, rank: int):
     """The DeepSpeed engine of the stage, holding the checkpoint's state when resuming.
 
     Args:
@@ -27,7 +28,7 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
         plan: The stage's step plan (its streams set DeepSpeed's accumulation).
         folder: The local copy of the checkpoint to resume from, or None.
         saved: That checkpoint's metadata, or None.
-        init_weights: The checkpoint a new stage starts from (``init_from``), or None.
+        init_weights: What a new stage starts from (``init_from``), or None.
         placeholder: A zero-weight batch (restoring at another world size steps once on it).
         rank: This worker's rank (rank 0 reports on the console).
     """
@@ -41,10 +42,7 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
     if portable:
         model.load_trainable_state_dict(load_file(f"{folder}/{TRAINABLE}"))
     elif saved is None and init_weights is not None:
-        missing, _ = model.load_trainable_state_dict(load_trainable_weights(init_weights), strict=False)
-        if rank == 0:
-            console(f"[{stage.name}] initialised from {init_weights.url}; "
-                    f"new (not in the source): {missing or 'none'}")
+        load_initial_weights(model, init_weights, say=console if rank == 0 else None)
     optimizer = build_optimizer(model, stage.optimizer)
     scheduler = build_scheduler(optimizer, stage.optimizer, stage.steps)
     engine, _, _, _ = deepspeed.initialize(

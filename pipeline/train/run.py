@@ -20,7 +20,7 @@ from pipeline.eval.periodic import resolve_stage_evals
 from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
-from pipeline.spec.train import StageSpec
+from pipeline.train.init_weights import check_init_sources, stage_init_source
 from pipeline.train.task import StageTask
 from pipeline.train.worker import train_stage
 
@@ -39,8 +39,9 @@ def run_training(job: JobSpec) -> dict:
     """Run every unfinished stage in order; returns a summary (also ``summary.json``)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     job, vision_note = resolve_model_paths(job)
-    ensure_ray(job.run.ray_address)
     run_dir = run_dir_of(job)
+    checked_inits = check_init_sources(job, run_dir)  # before any Ray work: a bad source is exit 2
+    ensure_ray(job.run.ray_address)
     shards = _training_shards(job, run_dir)
     job = _resolve_evals(job)
     summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
@@ -51,7 +52,7 @@ def run_training(job: JobSpec) -> dict:
             done = json.loads(read_bytes(marker))
             log.info("train: stage %s finished earlier (step %d); skipping", stage.name, done["step"])
         else:
-            init = _init_weights(job, stage, run_dir, previous)
+            init = stage_init_source(job, index, run_dir, previous, checked_inits)
             done = _run_stage(job, index, run_dir, shards, init)
             write_bytes_atomic(marker, json.dumps(done, indent=1).encode())
         previous = Location(done["checkpoint"], run_dir.options)
@@ -133,16 +134,6 @@ def _check_tokens(job: JobSpec, manifest: dict) -> None:
         )
     if any(stage.objective == 2 for stage in job.stages) and "llm" not in tokenizers:
         raise TrainError("a stage trains with the LLM (lm loss) but the prepared data has no LLM tokens")
-
-
-def _init_weights(job: JobSpec, stage: StageSpec, run_dir: Location, previous: Location | None):
-    source = stage.init_from
-    if source is None:
-        return previous
-    if "/" in source:
-        return Location.of(source, job.run.storage_options)
-    marker = json.loads(read_bytes(run_dir.child(source, COMPLETE)))
-    return Location(marker["checkpoint"], run_dir.options)
 
 
 def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dict:
