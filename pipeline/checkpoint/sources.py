@@ -2,8 +2,9 @@
 
 A source is one of three kinds, recognised by what is there:
 
-- ``checkpoint``: a checkpoint folder written by training, or a finished stage folder (local or
-  ``s3://``): its ``trainable.safetensors``, already under our names;
+- ``checkpoint``: a checkpoint folder written by training, a finished stage folder, or a
+  ``qformer export --format own`` folder (local or ``s3://``): its ``trainable.safetensors``,
+  already under our names;
 - ``transformers``: a transformers Blip2 model folder (``config.json`` of ``model_type`` blip-2)
   or a hub id such as ``Salesforce/blip2-opt-2.7b``: only its non-frozen tensors are read (the
   LLM's shards are never opened), plus the pretraining-only tensors a ``qformer export`` keeps
@@ -27,10 +28,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from pipeline.checkpoint.format import CheckpointError, load_trainable_weights
+from pipeline.checkpoint.format import TRAINABLE, CheckpointError, load_trainable_weights
 from pipeline.checkpoint.lookup import find_checkpoint
 from pipeline.io.redact import redact_url
-from pipeline.io.storage import Location, read_bytes, storage_errors
+from pipeline.io.storage import Location, exists, read_bytes, storage_errors
 from pipeline.model.adapters.lavis import from_lavis
 from pipeline.model.adapters.transformers_blip2 import PRETRAINING_FILE, from_transformers, our_name
 from pipeline.model.parts import is_frozen_tower
@@ -40,7 +41,7 @@ from pipeline.spec.storage import StorageSpec
 SourceKind = Literal["checkpoint", "transformers", "lavis"]
 
 _KIND_NAMES = {
-    "checkpoint": "training checkpoint",
+    "checkpoint": "qformer-pipeline checkpoint",
     "transformers": "transformers Blip2 model",
     "lavis": "LAVIS checkpoint",
 }
@@ -120,8 +121,10 @@ def resolve_init_source(
             raise InitError(f"{redact_url(location.url)} is a file but not a .pth checkpoint")
         return InitSource("lavis", location.url, location.options, **allow)
     if kind == "directory":
-        if location.is_local and (fs.exists(f"{path}/config.json")):
+        if location.is_local and fs.exists(f"{path}/config.json"):
             return InitSource("transformers", _blip2_model(location.url), **allow)
+        if exists(location.child(TRAINABLE)):
+            return InitSource("checkpoint", location.url, location.options, **allow)
         try:
             checkpoint = find_checkpoint(location)
         except CheckpointError as err:

@@ -220,11 +220,11 @@ class StageSpec(SpecModel):
     and the step count start fresh), one of:
 
     - the name of an earlier stage: its final checkpoint;
-    - a checkpoint folder written by training, or a finished stage folder (local or ``s3://``,
-      read with ``run.storage_options``);
+    - a checkpoint folder written by training, a finished stage folder, or an own-format
+      ``qformer export`` folder (local or ``s3://``, read with ``run.storage_options``);
     - a transformers Blip2 model folder or hub id (``Blip2ForImageTextRetrieval``,
       ``Blip2ForConditionalGeneration``, ``Blip2Model``, e.g. ``Salesforce/blip2-opt-2.7b``, or a
-      ``qformer export`` folder);
+      transformers ``qformer export`` folder);
     - a LAVIS checkpoint, a ``.pth`` file with LAVIS's key names (``blip2_pretrained.pth``).
 
     What loads: the query tokens, the Q-Former, ``ln_vision``, the ITC projections and

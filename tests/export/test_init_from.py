@@ -312,11 +312,16 @@ def test_shapes_and_gaps_of_the_same_objective_are_errors(stage1, tmp_path):
                               resolve_init_source(str(_save_lavis(tmp_path / "partial.pth", state))))
 
 
-def test_a_training_checkpoint_or_stage_folder_is_a_source(stage1):
+def test_a_training_checkpoint_a_stage_folder_or_an_own_format_export_is_a_source(stage1, tmp_path):
     trained, _ = stage1
-    for where in (trained.checkpoint, trained.checkpoint.parent):
+    own = export_checkpoint(str(trained.checkpoint), tmp_path / "own", export_format="own").out_dir
+    for where, expected in ((trained.checkpoint, trained.checkpoint),
+                            (trained.checkpoint.parent, trained.checkpoint), (own, own)):
         source = resolve_init_source(str(where))
-        assert source.kind == "checkpoint" and source.where == str(trained.checkpoint)
-    fresh = _fresh(trained.model.spec, 1)
-    assert set(load_initial_weights(fresh, source).loaded) == _trainable_names(fresh)
-    torch.testing.assert_close(fresh.temp, trained.model.temp, rtol=0, atol=0)
+        assert source.kind == "checkpoint" and source.where == str(expected)
+        fresh = _fresh(trained.model.spec, 1)
+        assert set(load_initial_weights(fresh, source).loaded) == _trainable_names(fresh)
+        torch.testing.assert_close(fresh.temp, trained.model.temp, rtol=0, atol=0)
+    with pytest.raises(InitError, match=r"neither a checkpoint folder .* \(nor a transformers model "
+                                        r"folder: no config.json\)"):
+        resolve_init_source(str(tmp_path))
