@@ -31,7 +31,7 @@ from transformers import AutoConfig
 from pipeline.checkpoint.format import TRAINABLE, CheckpointError, load_trainable_weights
 from pipeline.checkpoint.lookup import find_checkpoint
 from pipeline.io.redact import redact_url
-from pipeline.io.storage import Location, exists, read_bytes, storage_errors
+from pipeline.io.storage import Location, exists, read_bytes, storage_error, storage_errors
 from pipeline.model.adapters.lavis import from_lavis
 from pipeline.model.adapters.transformers_blip2 import PRETRAINING_FILE, from_transformers, our_name
 from pipeline.model.parts import is_frozen_tower
@@ -114,7 +114,9 @@ def resolve_init_source(
     with storage_errors(location.url):
         try:
             kind = fs.info(path)["type"]
-        except FileNotFoundError:
+        except FileNotFoundError as err:
+            if storage_error(err, location.url) is not None:  # a missing bucket, say
+                raise
             kind = None
     if kind == "file":
         if not name.endswith(".pth"):

@@ -26,6 +26,7 @@ from pipeline.errors import EXIT_USAGE
 from pipeline.export import export_checkpoint
 from pipeline.export.compat import image_token_id
 from pipeline.export.transformers_format import blip2_config
+from pipeline.io.storage import StorageError
 from pipeline.model import Blip2Pretrainer, build_llm_tokenizer, build_qformer_tokenizer
 from pipeline.model.adapters.lavis import to_lavis
 from pipeline.model.adapters.transformers_blip2 import PRETRAINING_FILE
@@ -250,6 +251,8 @@ def test_a_lavis_checkpoint_on_s3(stage1, tmp_path, s3_endpoint):
     torch.testing.assert_close(fresh.itm_head.weight, trained.model.itm_head.weight, rtol=0, atol=0)
     with pytest.raises(InitError, match="s3://test-bucket/lavis/other.pth: no such file or folder"):
         resolve_init_source("s3://test-bucket/lavis/other.pth", storage)
+    with pytest.raises(StorageError, match="s3://no-such-bucket/blip2.pth: the bucket does not exist"):
+        resolve_init_source("s3://no-such-bucket/blip2.pth", storage)
 
 
 class _Payload:
