@@ -55,7 +55,8 @@ class QFormerSpec(SpecModel):
 
     init: Literal["bert", "random"] = "bert"
     """Where the Q-Former's trainable weights start when a stage builds the model: ``bert``
-    copies ``bert``'s weights as LAVIS does (cross-attention, queries and heads random),
+    copies ``bert``'s weights as LAVIS does (cross-attention, queries, ITC projections and ITM
+    head random),
     ``random`` keeps only its shape. Trained weights (an earlier stage, a checkpoint, or
     released BLIP-2 weights: a transformers Blip2 folder or hub id, a LAVIS ``.pth``) are named
     by a stage's ``init_from`` and loaded over this: ``init`` is where every tensor that
