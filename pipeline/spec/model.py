@@ -56,8 +56,7 @@ class QFormerSpec(SpecModel):
     init: Literal["bert", "random"] = "bert"
     """Where the Q-Former's trainable weights start when a stage builds the model: ``bert``
     copies ``bert``'s weights as LAVIS does (cross-attention, queries, ITC projections and ITM
-    head random),
-    ``random`` keeps only its shape. Trained weights (an earlier stage, a checkpoint, or
+    head random), ``random`` keeps only its shape. Trained weights (an earlier stage, a checkpoint, or
     released BLIP-2 weights: a transformers Blip2 folder or hub id, a LAVIS ``.pth``) are named
     by a stage's ``init_from`` and loaded over this: ``init`` is where every tensor that
     ``init_from`` does not provide starts, and all of them in a stage that starts from nothing.
