@@ -32,7 +32,7 @@ def rebuild_model(
         CheckpointError: A tower cannot be loaded, or the weights do not fit the model exactly.
     """
     # Every trainable weight is overwritten below: copying BERT's in first would be wasted work.
-    spec = spec.model_copy(update={"qformer": spec.qformer.model_copy(update={"load_bert_weights": False})})
+    spec = spec.model_copy(update={"qformer": spec.qformer.model_copy(update={"init": "random"})})
     try:
         model = Blip2Pretrainer(spec, objective=objective)
     except (OSError, ValueError, AssetError, RuntimeError) as err:

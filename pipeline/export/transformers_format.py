@@ -1,11 +1,13 @@
 """Write a trained model as a transformers Blip2 model folder: weights, config, processor.
 
 Stage 1 becomes ``Blip2ForImageTextRetrieval`` (ITC similarities and ITM logits), stage 2
-``Blip2ForConditionalGeneration`` (captioning through the frozen LLM). Parameter names already
-follow transformers' (see :mod:`pipeline.model.blip2`); ``ln_vision`` becomes the tower's
-``vision_model.post_layernorm`` and the pretraining-only ``lm_head`` (ITG) and ``temp`` (ITC
-temperature) are left out. Call only when :func:`pipeline.export.compat.transformers_blockers`
-finds nothing: then the folder computes exactly what our model does.
+``Blip2ForConditionalGeneration`` (captioning through the frozen LLM). The names are mapped by
+:mod:`pipeline.model.adapters.transformers_blip2`, which ``init_from`` reads such folders with:
+``ln_vision`` becomes the tower's ``vision_model.post_layernorm``, and the pretraining-only
+``lm_head`` (ITG) and ``temp`` (ITC temperature), which transformers' classes have no place for,
+go beside the model in ``qformer_pretraining.safetensors``, so that a stage can continue from the
+export exactly. Call only when :func:`pipeline.export.compat.transformers_blockers` finds
+nothing: then the folder computes exactly what our model does.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import copy
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import (
     Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2ForImageTextRetrieval,
     Blip2Processor,
     CLIPImageProcessorPil,
     PreTrainedModel,
@@ -28,39 +29,22 @@ from transformers.image_utils import PILImageResampling
 from pipeline.export.compat import IMAGE_TOKEN, image_token_id
 from pipeline.export.record import TRANSFORMERS_FORMAT, export_record, write_record
 from pipeline.export.source import ExportError
+from pipeline.model.adapters.transformers_blip2 import (
+    PRETRAINING_FILE,
+    TRANSFORMERS_CLASSES,
+    pretraining_only,
+    to_transformers,
+)
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.vision import image_preprocessing
 from pipeline.checkpoint.lookup import TrainedCheckpoint
 
-TRANSFORMERS_CLASSES: dict[int, type[PreTrainedModel]] = {
-    1: Blip2ForImageTextRetrieval,
-    2: Blip2ForConditionalGeneration,
-}
-"""The transformers class each model stage exports to."""
-
-PRETRAINING_ONLY = ("temp", "lm_head.")
-"""Parameters (names or prefixes) with no place in transformers' classes."""
-
 
 def blip2_state_dict(model: Blip2Pretrainer) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' Blip2 names, in float32.
-
-    ``ln_vision`` becomes ``vision_model.post_layernorm`` (the tower's own post-norm is an
-    identity in our model, see :func:`pipeline.model.vision.adopt_output_norm`); frozen weights
-    held in 16 bits are widened exactly.
-    """
-    state = {}
-    towers = {"vision_model.": model.vision_model}
-    if model.objective == 2:
-        towers["language_model."] = model.language_model
-    held = {prefix + name: tensor for prefix, tower in towers.items() for name, tensor in tower.state_dict().items()}
-    for name, tensor in {**model.state_dict(), **held}.items():
-        if name.startswith(PRETRAINING_ONLY):
-            continue
-        if name.startswith("ln_vision."):
-            name = "vision_model.post_layernorm." + name.removeprefix("ln_vision.")
-        state[name] = tensor.float() if tensor.is_floating_point() else tensor
-    return state
+    """The model's weights under transformers' Blip2 names, in float32 (frozen weights held in 16
+    bits are widened exactly), without the pretraining-only ones."""
+    return {name: tensor.float() if tensor.is_floating_point() else tensor
+            for name, tensor in to_transformers(model.full_state_dict()).items()}
 
 
 def blip2_config(model: Blip2Pretrainer, image_token_index: int) -> Blip2Config:
@@ -155,6 +139,9 @@ def write_transformers_folder(
     token_id = image_token_id(tokenizer)
     exported = build_transformers_model(model, blip2_config(model, token_id))
     exported.save_pretrained(out_dir)
+    beside = pretraining_only(model.trainable_state_dict())
+    if beside:
+        save_file({name: t.float().contiguous() for name, t in beside.items()}, str(out_dir / PRETRAINING_FILE))
     processor = build_processor(model, tokenizer)
     processor.save_pretrained(out_dir)
     if processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != token_id:
@@ -162,7 +149,8 @@ def write_transformers_folder(
     details = {
         "transformers_class": type(exported).__name__,
         "image_token_index": token_id,
-        "not_exported": _not_exported(model),
+        # Beside the model, in PRETRAINING_FILE: transformers ignores them, init_from loads them.
+        "pretraining_only": sorted(beside),
         # 16-bit frozen towers run in float32 here unless loaded with a 16-bit dtype: outputs
         # then agree to 16-bit precision rather than exactly (see the README).
         "stored_dtype": "float32",
@@ -178,12 +166,6 @@ def write_transformers_folder(
     return record
 
 
-def _not_exported(model: Blip2Pretrainer) -> list[str]:
-    return sorted(
-        name for name, _ in model.named_parameters() if name.startswith(PRETRAINING_ONLY)
-    )
-
-
 def _readme(model: Blip2Pretrainer, record: dict) -> str:
     cls, q = record["transformers_class"], model.num_query_tokens
     head = (
@@ -194,7 +176,7 @@ def _readme(model: Blip2Pretrainer, record: dict) -> str:
         "(see Precision below; the export tests compare them).\n\n"
         "Files: `config.json` + `model.safetensors` (the whole model in float32: frozen towers "
         "and trained parts), processor and tokenizer files, `qformer_export.json` (the source, "
-        "the model spec, versions, what was left out) and this README.\n\n"
+        "the model spec, versions, what transformers has no place for) and this README.\n\n"
     )
     dtypes = set(record["frozen_tower_dtypes"].values())
     if dtypes == {"float32"}:
@@ -231,9 +213,10 @@ def _readme(model: Blip2Pretrainer, record: dict) -> str:
             "ITC: transformers returns the cosine similarity (max over the queries) with no "
             f"temperature; the training logits were these divided by the learnt temperature "
             f"{record['temperature']:.6g}. Rankings are the same.\n\n"
-            "Not exported (pretraining only, no place in `Blip2ForImageTextRetrieval`): the ITG "
-            "head `lm_head.*` (BERT masked-LM head on the caption embeddings) and the temperature "
-            "`temp`; the source checkpoint keeps them.\n"
+            "Pretraining only, with no place in `Blip2ForImageTextRetrieval`: the ITG head "
+            "`lm_head.*` (BERT masked-LM head on the caption embeddings) and the temperature "
+            f"`temp`. They are in `{PRETRAINING_FILE}` beside the model, which transformers "
+            "ignores; a qformer-pipeline stage given this folder as `init_from` loads them too.\n"
         )
     else:
         usage = (

@@ -113,8 +113,9 @@ class Blip2Pretrainer(nn.Module):
     ``ln_vision`` and ``temp`` train, and only they are the module's parameters; the vision tower
     and the LLM are frozen, stay in eval mode, and are held beside them in :attr:`towers` (never
     cast, partitioned or checkpointed with them). Stage 2 builds no caption-side parts (text
-    feed-forward, embeddings, ITC/ITM/ITG heads); load a stage-1 result with
-    ``load_trainable_state_dict(state, strict=False)``.
+    feed-forward, embeddings, ITC/ITM/ITG heads) and stage 1 no ``language_projection``
+    (:mod:`pipeline.model.parts`); a stage starts from another stage's result through
+    ``pipeline.checkpoint.initial.load_initial_weights``.
 
     Data contract: ``pixel_values`` (B, 3, H, W) float32 normalised with
     :func:`pipeline.model.vision.image_preprocessing`; stage-1 ``input_ids`` are BERT ids of
@@ -127,6 +128,9 @@ class Blip2Pretrainer(nn.Module):
             learning with the LLM: its stage 2).
         loss_weights: Weight of each loss of the objective by name (``pipeline.spec.losses``;
             a curriculum stage's ``losses``); absent losses weigh 0. None weighs each 1.
+        tower_weights: False builds the frozen towers from their configs alone, reading none of
+            their weights; under ``torch.device("meta")`` (with ``qformer.init: random``) the
+            model then costs nothing and gives its parameters' names and shapes.
 
     Example:
         >>> model = Blip2Pretrainer(spec, objective=1)
@@ -140,6 +144,7 @@ class Blip2Pretrainer(nn.Module):
         *,
         objective: Objective = 1,
         loss_weights: Mapping[str, float] | None = None,
+        tower_weights: bool = True,
     ):
         super().__init__()
         if objective not in (1, 2):
@@ -154,8 +159,8 @@ class Blip2Pretrainer(nn.Module):
 
         # Beside the trainable modules, not among them: see FrozenTowers.
         self.towers = FrozenTowers(
-            load_vision_tower(spec.vision),
-            load_language_model(spec.llm) if objective == 2 else None,
+            load_vision_tower(spec.vision, weights=tower_weights),
+            load_language_model(spec.llm, weights=tower_weights) if objective == 2 else None,
         )
         self.ln_vision = nn.LayerNorm(vision_width(self.vision_model))
         adopt_output_norm(self.vision_model, self.ln_vision)
@@ -191,7 +196,7 @@ class Blip2Pretrainer(nn.Module):
             llm_width = self.language_model.get_input_embeddings().embedding_dim
             self.language_projection = nn.Linear(config.hidden_size, llm_width)
 
-        if q_spec.load_bert_weights:
+        if q_spec.init == "bert":
             copy_bert_weights(
                 q_spec.bert,
                 self.qformer,
@@ -210,6 +215,15 @@ class Blip2Pretrainer(nn.Module):
         if self.towers.language_model is None:
             raise AttributeError("a model of objective 1 has no language model")
         return self.towers.language_model
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight, frozen towers included (``vision_model.*``, ``language_model.*``, as in
+        transformers' Blip2 classes): what an export writes. ``state_dict()`` holds only the
+        trainable modules."""
+        held = {"vision_model.": self.towers.vision, "language_model.": self.towers.language_model}
+        towers = {prefix + name: tensor for prefix, tower in held.items() if tower is not None
+                  for name, tensor in tower.state_dict().items()}
+        return {**self.state_dict(), **towers}
 
     def to(self, *args, **kwargs) -> "Blip2Pretrainer":
         """``nn.Module.to`` for the trainable modules; the frozen towers move to the device too,

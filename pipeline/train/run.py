@@ -27,7 +27,7 @@ from pipeline.io.lease import hold_lease
 from pipeline.io.storage import Location, exists, read_bytes, remove_partial_writes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
-from pipeline.spec.train import StageSpec
+from pipeline.train.init_weights import check_init_sources, stage_init_source
 from pipeline.train.resume import check_resumable, latest_checkpoint
 from pipeline.train.task import FATAL, StageTask
 from pipeline.train.worker import train_stage
@@ -55,6 +55,7 @@ def run_training(job: JobSpec) -> dict:
     run_dir = run_dir_of(job)
     with hold_lease(run_dir, purpose="qformer train", stale_after_s=job.run.lease_stale_after_s):
         finished = _check_resumes(job, run_dir)
+        checked_inits = check_init_sources(job, run_dir)  # before any Ray work: a bad source is exit 2
         for leftover in remove_partial_writes(run_dir):
             log.info("train: removed %s, left half-written by a killed run", leftover)
         ensure_ray(job.run.ray_address)
@@ -66,7 +67,7 @@ def run_training(job: JobSpec) -> dict:
             marker = run_dir.child(stage.name, COMPLETE)
             done = finished.get(stage.name)
             if done is None:
-                init = _init_weights(job, stage, run_dir, previous)
+                init = stage_init_source(job, index, run_dir, previous, checked_inits)
                 done = _run_stage(job, index, run_dir, shards, init)
                 write_bytes_atomic(marker, json.dumps(done, indent=1).encode())
             else:
@@ -173,16 +174,6 @@ def _check_tokens(job: JobSpec, manifest: dict) -> None:
         )
     if any(stage.objective == 2 for stage in job.stages) and "llm" not in tokenizers:
         raise TrainError("a stage trains with the LLM (lm loss) but the prepared data has no LLM tokens")
-
-
-def _init_weights(job: JobSpec, stage: StageSpec, run_dir: Location, previous: Location | None):
-    source = stage.init_from
-    if source is None:
-        return previous
-    if "/" in source:
-        return Location.of(source, job.run.storage_options)
-    marker = json.loads(read_bytes(run_dir.child(source, COMPLETE)))
-    return Location(marker["checkpoint"], run_dir.options)
 
 
 def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dict:

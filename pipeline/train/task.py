@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.checkpoint.sources import InitSource
 from pipeline.io.storage import Location
 
 FATAL = "_fatal.json"
@@ -19,7 +20,7 @@ class StageTask:
         stage_index: Which of its stages to train.
         run_dir: The run folder.
         shards: The prepared training shards, in corpus order.
-        init_weights: A checkpoint folder whose trained weights a new stage starts from.
+        init_weights: The weights a new stage starts from (``init_from``), or None.
         attempt: Names this ``qformer train`` invocation's run of the stage (a fatal error
             recorded by an earlier invocation does not stop this one).
     """
@@ -28,7 +29,7 @@ class StageTask:
     stage_index: int
     run_dir: Location
     shards: tuple[Location, ...]
-    init_weights: Location | None
+    init_weights: InitSource | None
     attempt: str = ""
 
     def to_config(self) -> dict:
@@ -37,7 +38,7 @@ class StageTask:
             "stage_index": self.stage_index,
             "run_dir": [self.run_dir.url, self.run_dir.options],
             "shards": [[s.url, s.options] for s in self.shards],
-            "init_weights": [self.init_weights.url, self.init_weights.options] if self.init_weights else None,
+            "init_weights": self.init_weights.to_config() if self.init_weights else None,
             "attempt": self.attempt,
         }
 
@@ -49,6 +50,6 @@ class StageTask:
             stage_index=config["stage_index"],
             run_dir=Location(*config["run_dir"]),
             shards=tuple(Location(url, options) for url, options in config["shards"]),
-            init_weights=Location(*init) if init else None,
+            init_weights=InitSource.from_config(init) if init else None,
             attempt=config["attempt"],
         )

@@ -76,7 +76,7 @@ def train_and_checkpoint(run_dir: Path, model: dict, objective: int, steps: int 
     trained = Blip2Pretrainer(ModelSpec.model_validate(model), objective=objective)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
     for step in range(steps):
-        trained(**_random_batch(trained, seed=step)).loss.backward()
+        trained(**random_batch(trained, seed=step)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     stage_spec = STAGES[objective - 1]
@@ -97,7 +97,8 @@ def train_and_checkpoint(run_dir: Path, model: dict, objective: int, steps: int 
     return Trained(trained.eval(), folder)
 
 
-def _random_batch(model: Blip2Pretrainer, seed: int) -> dict[str, torch.Tensor]:
+def random_batch(model: Blip2Pretrainer, seed: int) -> dict[str, torch.Tensor]:
+    """A batch of random images and captions for ``model``'s objective (BERT or LLM tokens)."""
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     texts = captions(BATCH, seed)

@@ -49,7 +49,8 @@ def test_stage2_is_written_as_a_generation_model_folder(stage2):
     record = result.record
     assert record["format"] == "transformers"
     assert record["transformers_class"] == "Blip2ForConditionalGeneration"
-    assert record["stage_name"] == "stage2" and record["not_exported"] == []
+    assert record["stage_name"] == "stage2" and record["pretraining_only"] == []
+    assert not (result.out_dir / "qformer_pretraining.safetensors").exists()
     assert (result.out_dir / "generation_config.json").is_file()
     config = exported.config
     assert config.use_decoder_only_language_model and config.num_query_tokens == 4

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
 from pipeline.data.tokenize import CaptionTokenizer
@@ -41,14 +42,17 @@ def test_stage1_is_written_as_a_retrieval_model_folder(stage1):
     assert record["transformers_class"] == "Blip2ForImageTextRetrieval"
     files = {path.name for path in result.out_dir.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json",
-            "README.md", "qformer_export.json"} <= files
+            "README.md", "qformer_export.json", "qformer_pretraining.safetensors"} <= files
     assert json.loads((result.out_dir / "qformer_export.json").read_text()) == record
     assert exported.config.num_query_tokens == QUERIES and exported.config.image_text_hidden_size == 16
     assert exported.config.qformer_config.use_qformer_text_input
     assert exported.config.vision_config.num_hidden_layers == 2  # drop_last_layer: 3 -> 2
-    # The pretraining-only parts are named as left out, the temperature recorded.
-    assert record["not_exported"] == sorted(
-        ["temp", *(name for name, _ in model.named_parameters() if name.startswith("lm_head."))])
+    # The pretraining-only parts are kept beside the model (under our names), the temperature
+    # also recorded.
+    pretraining_only = sorted(["temp", *(name for name, _ in model.named_parameters() if name.startswith("lm_head."))])
+    assert record["pretraining_only"] == pretraining_only
+    beside = load_file(result.out_dir / "qformer_pretraining.safetensors")
+    assert sorted(beside) == pretraining_only and torch.equal(beside["temp"], model.temp.detach())
     assert record["temperature"] == pytest.approx(float(model.temp.detach()))
     assert record["frozen_tower_dtypes"] == {"vision": "float32"} and record["stored_dtype"] == "float32"
     readme = (result.out_dir / "README.md").read_text()

@@ -87,7 +87,7 @@ def test_truncated_and_random_qformers(vision_dirs, bert_dir):
     assert len(two.qformer.encoder.layer) == 2
     bert = BertForMaskedLM.from_pretrained(bert_dir)
     _check_copied_from(two, bert)
-    random = Blip2Pretrainer(_with_bert(spec, str(bert_dir), load_bert_weights=False), objective=1)
+    random = Blip2Pretrainer(_with_bert(spec, str(bert_dir), init="random"), objective=1)
     ref = bert.bert.encoder.layer[0].attention.self.query.weight
     assert not torch.equal(random.qformer.encoder.layer[0].attention.attention.query.weight, ref)
     with pytest.raises(ValueError, match="only 4 layers"):

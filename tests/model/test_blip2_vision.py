@@ -14,12 +14,8 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from pipeline.model import image_preprocessing
 from pipeline.spec.model import VisionTowerSpec
-from pipeline.model.vision import (
-    VisionTowerError,
-    encode_images,
-    load_vision_tower,
-    read_prefixed_weights,
-)
+from pipeline.model.vision import VisionTowerError, encode_images, load_vision_tower
+from pipeline.model.weight_files import read_prefixed_weights
 
 IMAGE_SIZE = 32
 LAYERS = 2
