@@ -18,7 +18,7 @@ from pipeline.io.storage import Location, read_bytes
 TRAINABLE = "trainable.safetensors"
 """The trainable weights, consolidated, in fp32 (the optimizer's masters under ZeRO)."""
 OPTIMIZER = "optimizer.safetensors"
-"""The AdamW state, consolidated (see ``pipeline.train.portable_state``)."""
+"""The AdamW state, consolidated (see ``pipeline.train.state``)."""
 METADATA = "metadata.json"
 """Stage, step, samples seen, data position, world size, the job spec, library versions."""
 METRICS = "metrics.jsonl"

@@ -78,18 +78,6 @@ class QFormerSpec(SpecModel):
     """Length captions are padded/truncated to (``[CLS] caption [SEP]``); every rank must feed
     the same length since the ITM loss gathers token ids across ranks."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_load_bert_weights(cls, data):
-        # Checkpoints written before ``init`` existed hold ``load_bert_weights`` in their spec.
-        if isinstance(data, dict) and "load_bert_weights" in data:
-            data = dict(data)
-            legacy = data.pop("load_bert_weights")
-            init = "bert" if legacy else "random"
-            if data.setdefault("init", init) != init:
-                raise ValueError(f"load_bert_weights: {legacy} contradicts init: {data['init']}; "
-                                 "give only init")
-        return data
 
 
 class LLMSpec(SpecModel):

@@ -36,14 +36,10 @@ def test_opt_ins_need_something_to_load():
     validate_spec(_job({}, {"init_from_allow_missing": ["*"]}), JobSpec)
 
 
-def test_qformer_init_replaces_load_bert_weights_in_older_specs():
+def test_qformer_init_replaces_load_bert_weights():
     assert QFormerSpec().init == "bert"
     assert QFormerSpec.model_validate({"init": "random"}).init == "random"
-    # Checkpoints written before carry load_bert_weights in their spec; they still load.
-    assert QFormerSpec.model_validate({"load_bert_weights": False}).init == "random"
-    assert QFormerSpec.model_validate({"load_bert_weights": True, "init": "bert"}).init == "bert"
-    with pytest.raises(SpecError, match="load_bert_weights: False contradicts init: bert; give only init"):
-        validate_spec({**_job({}), "model": {"qformer": {"load_bert_weights": False, "init": "bert"}}},
-                      JobSpec)
+    with pytest.raises(SpecError, match=r"model\.qformer\.load_bert_weights: unknown field"):
+        validate_spec({**_job({}), "model": {"qformer": {"load_bert_weights": False}}}, JobSpec)
     with pytest.raises(SpecError, match=r"model\.qformer\.init: Input should be 'bert' or 'random'"):
         validate_spec({**_job({}), "model": {"qformer": {"init": "Salesforce/blip2-opt-2.7b"}}}, JobSpec)
