@@ -105,3 +105,23 @@ def test_a_torn_last_metrics_line_is_dropped_and_said(tmp_path, capsys):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.8}\n')
     with pytest.raises(ValueError, match="line 2 is not a JSON record"):
         read_records(Location.of(str(path)))
+
+
+def test_local_checkpoint_folders_of_dead_workers_are_removed(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.train.checkpoint import remove_stale_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    left = tmp_path / f"qformer-ckpt-{dead}-abc"
+    mine = tmp_path / f"qformer-ckpt-{os.getpid()}-def"
+    for folder in (left, mine):
+        folder.mkdir()
+        (folder / "trainable.safetensors").write_bytes(b"x")
+    assert remove_stale_folders() == [str(left)]
+    assert not left.exists() and mine.exists()
