@@ -9,13 +9,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.assets import resolve_model, resolve_tokenizer
+from pipeline.assets import is_config_only, model_config, resolve_model, resolve_tokenizer
 from pipeline.model.frozen import freeze, torch_dtype
 from pipeline.spec.model import LLMSpec
 
 
 def load_language_model(spec: LLMSpec) -> PreTrainedModel:
-    """Load the causal LM of ``spec``, held in ``spec.dtype`` and frozen.
+    """Load the causal LM of ``spec`` (for a ``config:`` name: build it with random weights, on
+    torch's default device), held in ``spec.dtype`` and frozen.
 
     Args:
         spec: The LLM section of the model spec.
@@ -23,9 +24,11 @@ def load_language_model(spec: LLMSpec) -> PreTrainedModel:
     Returns:
         The frozen ``AutoModelForCausalLM``.
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(spec.name), dtype=torch_dtype(spec.dtype)
-    )
+    dtype = torch_dtype(spec.dtype)
+    if is_config_only(spec.name):
+        model = AutoModelForCausalLM.from_config(model_config(spec.name), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(spec.name), dtype=dtype)
     return freeze(model)
 
 

@@ -25,11 +25,11 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import cached_file
 
-from pipeline.assets import resolve_model
+from pipeline.assets import is_config_only, model_config, resolve_model
 from pipeline.model.frozen import freeze, torch_dtype
 from pipeline.spec.model import VisionTowerSpec
 
@@ -90,13 +90,12 @@ def image_preprocessing(spec: VisionTowerSpec) -> ImagePreprocessing:
     Returns:
         The preprocessing the data pipeline must apply.
     """
-    path = resolve_model(spec.name)
-    processor = _read_processor_config(path)
+    processor = {} if is_config_only(spec.name) else _read_processor_config(resolve_model(spec.name))
     mean = tuple(processor.get("image_mean") or IMAGENET_MEAN)
     std = tuple(processor.get("image_std") or IMAGENET_STD)
     size = spec.image_size or _processor_size(processor)
     if size is None:
-        config_size = getattr(_vision_config(AutoConfig.from_pretrained(path)), "image_size", None)
+        config_size = getattr(_vision_config(model_config(spec.name)), "image_size", None)
         size = _side(config_size) or _DEFAULT_IMAGE_SIZE
     return ImagePreprocessing(mean=mean, std=std, image_size=size)
 
@@ -138,7 +137,8 @@ def _side(size: int | list | tuple | dict | None) -> int | None:
 
 
 def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
-    """Load, optionally truncate, and freeze the vision tower of ``spec``.
+    """Load (for a ``config:`` name: build with random weights), optionally truncate, and
+    freeze the vision tower of ``spec``.
 
     Args:
         spec: The vision tower section of the model spec.
@@ -150,12 +150,32 @@ def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
         VisionTowerError: The checkpoint has no vision model transformers can build, no weights
             file, or lacks weights the tower needs (they would be silently random otherwise).
     """
-    path = resolve_model(spec.name)
-    full_config = AutoConfig.from_pretrained(path)
+    full_config = model_config(spec.name)
     config = _vision_config(full_config)
     model_cls = _vision_model_class(config)
     dtype = torch_dtype(spec.dtype)
     prefix = _PREFIXED_VISION_TOWERS.get(full_config.model_type)
+    if is_config_only(spec.name):
+        # Random weights of the real shapes, allocated where torch's default device says.
+        build = model_cls.from_config if model_cls is AutoModel else model_cls._from_config
+        model = build(config, dtype=dtype)
+    else:
+        model = _load_pretrained(spec.name, config, model_cls, prefix, dtype)
+    if spec.drop_last_layer:
+        if prefix is not None:
+            log.warning(
+                "%s: a BLIP-2 checkpoint's vision tower already lacks EVA ViT-g's last layer; "
+                "drop_last_layer removes another one (%d -> %d layers)",
+                spec.name, config.num_hidden_layers, config.num_hidden_layers - 1,
+            )
+        drop_last_layer(model)
+    return freeze(model)
+
+
+def _load_pretrained(name: str, config: PretrainedConfig, model_cls, prefix: str | None,
+                     dtype: torch.dtype) -> PreTrainedModel:
+    """The tower's weights from its checkpoint, every one of them (see :func:`load_vision_tower`)."""
+    path = resolve_model(name)
     if prefix is None:
         model, info = model_cls.from_pretrained(
             path, config=config, dtype=dtype, output_loading_info=True
@@ -172,18 +192,10 @@ def load_vision_tower(spec: VisionTowerSpec) -> PreTrainedModel:
     )
     if missing:
         raise VisionTowerError(
-            f"{spec.name}: {len(missing)} weights of {type(model).__name__} are not in the "
+            f"{name}: {len(missing)} weights of {type(model).__name__} are not in the "
             f"checkpoint, e.g. {missing[:3]}"
         )
-    if spec.drop_last_layer:
-        if prefix is not None:
-            log.warning(
-                "%s: a BLIP-2 checkpoint's vision tower already lacks EVA ViT-g's last layer; "
-                "drop_last_layer removes another one (%d -> %d layers)",
-                spec.name, config.num_hidden_layers, config.num_hidden_layers - 1,
-            )
-        drop_last_layer(model)
-    return freeze(model)
+    return model
 
 
 def read_prefixed_weights(
