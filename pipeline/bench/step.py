@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.assets import BERT_BASE, EVA_VIT_G, MINILM, OPT_2_7B, model_config, tiny_model_section
+from pipeline.assets import BERT_BASE, EVA_VIT_G, MINILM, OPT_2_7B, is_config_only, model_config, tiny_model_section
 from pipeline.bench.decode import DecodeRates, TextShape, decode_rates, synthetic_images, write_shard
 from pipeline.bench.device import (
     BenchError,
@@ -337,7 +337,7 @@ def _bench_objective(preset: Preset, objective: Objective, request: StepBenchReq
     spec = preset.model_spec(precision)
     torch.manual_seed(0)
     started = time.perf_counter()
-    with torch.device(device):  # config-built towers get their random weights right there
+    with _build_place(spec, device):
         model = Blip2Pretrainer(spec, objective=objective)
     model.to(device)
     model.train()
@@ -363,6 +363,16 @@ def _bench_objective(preset: Preset, objective: Objective, request: StepBenchReq
     _release(device)
     return _summary(objective, timed, batch_size, source, counter.get_total_flops(), peak, memory,
                     memory_kind, rates, request, build_s, trainable)
+
+
+def _build_place(spec: ModelSpec, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where to build the model: on the device itself when every part is built from a config
+    (multi-GB random towers never pass through host memory); otherwise on the CPU, moved after,
+    since transformers' ``from_pretrained`` under a device context needs ``accelerate``."""
+    from_configs = all(is_config_only(name) for name in (spec.vision.name, spec.qformer.bert, spec.llm.name))
+    if from_configs and not spec.qformer.load_bert_weights:
+        return torch.device(device)
+    return contextlib.nullcontext()
 
 
 def _batch_size(request: StepBenchRequest, preset: Preset, runner: _Runner, shapes: _Shapes,

@@ -111,7 +111,8 @@ def test_gpu_names_map_to_dense_bf16_datasheet_peaks(name, tflops):
 
 
 def test_the_paper_preset_has_blip2s_shapes():
-    """Built on the meta device: the shapes and dtypes without a byte of weights."""
+    """Built on the meta device: the shapes and dtypes without a byte of weights. (transformers'
+    ``from_pretrained`` refuses a meta device context, so nothing here reads files either.)"""
     from pipeline.model import Blip2Pretrainer, image_preprocessing
     from pipeline.model.llm import load_language_model
     from pipeline.model.vision import load_vision_tower
@@ -135,3 +136,14 @@ def test_the_paper_preset_has_blip2s_shapes():
     trainable = sum(p.numel() for p in stage1.parameters() if p.requires_grad)
     assert 185e6 < trainable < 190e6
     assert stage1.num_query_tokens == 32
+
+
+def test_only_models_built_from_configs_are_built_on_the_device():
+    """The paper preset's multi-GB random towers never pass through host memory; a preset that
+    loads files builds on the CPU (transformers' from_pretrained under a CUDA device context
+    needs accelerate, which a bare GPU machine may lack) and is moved after."""
+    from pipeline.bench.step import _build_place
+
+    device = torch.device("meta")
+    assert _build_place(PRESETS["paper"].model_spec("bf16"), device) == device
+    assert _build_place(PRESETS["tiny"].model_spec("fp32"), device) != device
