@@ -100,7 +100,7 @@ def decode_rates(rows: pa.Table, builder: InputBuilder, *, seconds: float = 0.5)
     Args:
         rows: Prepared rows (images and the builder's token columns), each JPEG distinct.
         builder: The loader's input builder (``LoaderConfig.input_builder()``), augmenting.
-        seconds: Time each for at least this long (whole passes over ``rows``).
+        seconds: Time each for at least this long, in whole passes over ``rows``, taking turns.
     """
     jpegs = rows.column(IMAGE).to_pylist()
 
@@ -115,18 +115,19 @@ def decode_rates(rows: pa.Table, builder: InputBuilder, *, seconds: float = 0.5)
 
     with Image.open(io.BytesIO(jpegs[0])) as first:
         side = first.width
-    return DecodeRates(
-        jpeg_side=side, output_side=builder.transform.image_size, images=len(jpegs),
-        plain_pil=_images_per_s(plain, len(jpegs), seconds),
-        loader=_images_per_s(loader, len(jpegs), seconds),
-    )
+    plain_s, loader_s = _interleaved(plain, loader, seconds)
+    return DecodeRates(jpeg_side=side, output_side=builder.transform.image_size, images=len(jpegs),
+                       plain_pil=len(jpegs) / plain_s, loader=len(jpegs) / loader_s)
 
 
-def _images_per_s(work, images: int, seconds: float) -> float:
-    done, started = 0, time.perf_counter()
-    while True:
-        work()
-        done += images
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds:
-            return done / elapsed
+def _interleaved(first, second, seconds: float) -> tuple[float, float]:
+    """Seconds per call of each, alternating calls until each has run ``seconds`` in all, so
+    that a machine growing busier or quieter meanwhile skews both alike."""
+    spent, calls = [0.0, 0.0], 0
+    while min(spent) < seconds:
+        for index, work in enumerate((first, second)):
+            started = time.perf_counter()
+            work()
+            spent[index] += time.perf_counter() - started
+        calls += 1
+    return spent[0] / calls, spent[1] / calls
