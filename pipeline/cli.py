@@ -82,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--batch-size", type=_positive_int, default=16)
     bench_train.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     bench_train.set_defaults(handler=_bench_train)
+    bench_step = benches.add_parser(
+        "step", help="one worker's training step on this device: phase times, TFLOP/s, MFU, memory, decode rates")
+    bench_step.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
+                            help="tiny random towers, or random weights at BLIP-2's shapes (ViT-g, BERT-base, OPT-2.7B)")
+    bench_step.add_argument("--objective", choices=("1", "2", "both"), default="both")
+    bench_step.add_argument("--batch-size", type=_positive_int, default=None,
+                            help="samples per step (default: the largest that fits on a GPU; the preset's on a CPU)")
+    bench_step.add_argument("--steps", type=_positive_int, default=10, help="timed steps, after the warm-up ones")
+    bench_step.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench_step.add_argument("--decode-threads", type=_positive_int, default=None,
+                            help="the loader's decode threads (default: the training spec's)")
+    bench_step.add_argument("--out", default=None, help="JSON report (default: step.json in a new temp folder)")
+    bench_step.set_defaults(handler=_bench_step)
     bench_quality = benches.add_parser(
         "quality", help="train both stages on the demo corpus, report held-out accuracy vs targets")
     bench_quality.add_argument("--spec", default="jobs/bench_quality.yaml", help="the benchmark's job spec")
@@ -285,6 +298,21 @@ def _bench_train(args) -> int:
     from pipeline.bench.train import run_train_benchmark
 
     run_train_benchmark(args.steps, args.batch_size, args.workdir)
+    return 0
+
+
+def _bench_step(args) -> int:
+    import transformers
+
+    from pipeline.bench.step import StepBenchRequest, run_step_benchmark
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    options = {"decode_threads": args.decode_threads} if args.decode_threads else {}
+    run_step_benchmark(StepBenchRequest(
+        preset=args.preset, objectives=(1, 2) if args.objective == "both" else (int(args.objective),),
+        batch_size=args.batch_size, steps=args.steps, device=args.device, out=args.out, **options,
+    ))
     return 0
 
 

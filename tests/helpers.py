@@ -1,10 +1,13 @@
-"""Helpers shared by the tests: the repository root, free ports, real JPEGs and tar shards, and
-the demo corpus's prep spec."""
+"""Helpers shared by the tests: the repository root, free ports, the CLI in a process without some
+packages, real JPEGs and tar shards, and the demo corpus's prep spec."""
 
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +18,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# The CLI with the named modules made unimportable, as if their package were not installed:
+# ``import`` raises ModuleNotFoundError and ``importlib.util.find_spec`` answers None.
+_CLI_WITHOUT = """
+import sys
+for name in filter(None, sys.argv[1].split(",")):
+    sys.modules[name] = None
+from pipeline.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def cli_without(modules: tuple[str, ...], args: list[str], *, env: dict | None = None, cwd: Path = REPO,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``qformer ARGS`` in a new Python process where ``modules`` cannot be imported."""
+    return subprocess.run([sys.executable, "-c", _CLI_WITHOUT, ",".join(modules), *args], cwd=cwd,
+                          env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
 
 
 def jpeg_bytes(width: int = 64, height: int = 48, color=(200, 30, 30), seed: int = 0) -> bytes:

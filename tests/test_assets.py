@@ -69,3 +69,24 @@ def test_unknown_packaged_names_are_rejected():
     with pytest.raises(assets.AssetError, match="unknown tiny model"):
         assets.resolve_model("tiny:nothing")
     assert assets.resolve_model("facebook/dinov2-small") == "facebook/dinov2-small"
+
+
+def test_config_names_are_architectures_at_the_papers_shapes():
+    vision = assets.model_config(assets.EVA_VIT_G)
+    assert (vision.model_type, vision.hidden_size, vision.num_hidden_layers, vision.image_size,
+            vision.patch_size) == ("blip_2_vision_model", 1408, 39, 224, 14)
+    bert = assets.model_config(assets.BERT_BASE)
+    assert (bert.model_type, bert.hidden_size, bert.num_hidden_layers, bert.vocab_size) == ("bert", 768, 12, 30522)
+    opt = assets.model_config(assets.OPT_2_7B)
+    assert (opt.model_type, opt.hidden_size, opt.num_hidden_layers, opt.num_attention_heads, opt.ffn_dim,
+            opt.vocab_size) == ("opt", 2560, 32, 32, 10240, 50272)
+    assert assets.model_config("tiny:vit").model_type == "dinov2"  # other names: their config file
+
+
+def test_config_names_have_no_files_to_load():
+    with pytest.raises(assets.AssetError, match="config:eva-vit-g is an architecture without files"):
+        assets.resolve_model(assets.EVA_VIT_G)
+    with pytest.raises(assets.AssetError, match="no tokenizer"):
+        assets.resolve_tokenizer(assets.OPT_2_7B)
+    with pytest.raises(assets.AssetError, match="unknown architecture 'config:nothing'"):
+        assets.model_config("config:nothing")

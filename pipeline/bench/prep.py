@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.bench.synthetic import photo_like_jpeg
 from pipeline.data.demo_corpus import COLORS, SHAPES
 from pipeline.data.images import center_crop, resize_shorter_side
 from pipeline.spec.prep import PrepSpec, TokenizerSpec, TokenizersSpec
@@ -43,15 +44,10 @@ def write_bench_corpus(folder: Path, samples: int, image_side: int, shards: int)
         path = folder / f"{shard:05d}.tar"
         with tarfile.open(path, "w") as archive:
             for i in range(shard * per_shard, min(samples, (shard + 1) * per_shard)):
-                low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-                image = Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC)
-                noise = rng.integers(-12, 12, (height, width, 3))
-                pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
-                out = io.BytesIO()
-                Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+                image = photo_like_jpeg(rng, width, height, quality=90)
                 caption = (f"a photo of a {COLORS[i % len(COLORS)]} {SHAPES[i % len(SHAPES)]} "
                            f"next to object number {i}")
-                _add(archive, f"{i:09d}.jpg", out.getvalue())
+                _add(archive, f"{i:09d}.jpg", image)
                 _add(archive, f"{i:09d}.txt", caption.encode())
         paths.append(str(path))
     return paths

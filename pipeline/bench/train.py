@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.assets import tiny_model_section
+from pipeline.bench.plain import optimizer_step
 from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
@@ -75,11 +76,8 @@ def plain_loop(job: JobSpec, steps: int) -> list[float]:
         model.train()
         for _ in range(steps):
             started = time.perf_counter()
-            loss = model(**to_device(next(stream), "cpu", normalizer)).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            model(**to_device(next(stream), "cpu", normalizer)).loss.backward()
+            optimizer_step(model, optimizer, job.deepspeed.gradient_clipping)
             scheduler.step()
             times.append(time.perf_counter() - started)
     return times

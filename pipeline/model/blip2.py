@@ -268,7 +268,11 @@ class Blip2Pretrainer(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, P, D) ``ln_vision``-normalised frozen tower tokens."""
-        return self.normalize_image_tokens(encode_images(self.vision_model, pixel_values))
+        return self.normalize_image_tokens(self.frozen_image_tokens(pixel_values))
+
+    def frozen_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, P, D) the frozen tower's output tokens, in its dtype, no graph."""
+        return encode_images(self.vision_model, pixel_values)
 
     def normalize_image_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(B, P, D) frozen tower tokens (any dtype, no graph) -> (B, P, D) after ``ln_vision``."""
@@ -311,7 +315,7 @@ class Blip2Pretrainer(nn.Module):
         batch = input_ids.shape[0]
         temperature = self.temp.clamp(losses.min_temperature, losses.max_temperature)  # (1,)
 
-        tower_tokens = encode_images(self.vision_model, pixel_values)  # (B, P, D), no graph
+        tower_tokens = self.frozen_image_tokens(pixel_values)  # (B, P, D), no graph
         image_embeds = self.normalize_image_tokens(tower_tokens)  # (B, P, D)
         query_output, itg_logits = self._generative_pass(image_embeds, input_ids, attention_mask)
 

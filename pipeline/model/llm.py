@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from pipeline.assets import resolve_model, resolve_tokenizer
+from pipeline.assets import is_config_only, model_config, resolve_model, resolve_tokenizer
 from pipeline.model.frozen import freeze, torch_dtype
 from pipeline.spec.model import LLMSpec
 
 
 def load_language_model(spec: LLMSpec, *, weights: bool = True) -> PreTrainedModel:
-    """Load the causal LM of ``spec``, held in ``spec.dtype`` and frozen.
+    """Load the causal LM of ``spec`` (for a ``config:`` name, or ``weights=False``: build it
+    with random weights, on torch's default device), held in ``spec.dtype`` and frozen.
 
     Args:
         spec: The LLM section of the model spec.
@@ -26,10 +26,12 @@ def load_language_model(spec: LLMSpec, *, weights: bool = True) -> PreTrainedMod
     Returns:
         The frozen ``AutoModelForCausalLM``.
     """
-    path, dtype = resolve_model(spec.name), torch_dtype(spec.dtype)
-    if not weights:
-        return freeze(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype))
-    return freeze(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+    dtype = torch_dtype(spec.dtype)
+    if not weights or is_config_only(spec.name):
+        model = AutoModelForCausalLM.from_config(model_config(spec.name), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(spec.name), dtype=dtype)
+    return freeze(model)
 
 
 def build_llm_tokenizer(spec: LLMSpec) -> PreTrainedTokenizerBase:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoTokenizer,
     BertForMaskedLM,
     Blip2QFormerConfig,
@@ -23,7 +22,7 @@ from transformers import (
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
-from pipeline.assets import resolve_model, resolve_tokenizer
+from pipeline.assets import model_config, resolve_model, resolve_tokenizer
 from pipeline.spec.model import QFormerSpec
 
 DEC_TOKEN = "[DEC]"
@@ -53,7 +52,7 @@ def load_bert_config(spec: QFormerSpec) -> PretrainedConfig:
     Raises:
         ValueError: The checkpoint is not a BERT model, or has fewer layers than asked for.
     """
-    config = AutoConfig.from_pretrained(resolve_model(spec.bert))
+    config = model_config(spec.bert)
     if config.model_type != "bert":
         raise ValueError(f"qformer.bert must name a BERT model; {spec.bert} is {config.model_type}")
     if spec.num_hidden_layers and spec.num_hidden_layers > config.num_hidden_layers:

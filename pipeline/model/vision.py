@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from pipeline.assets import resolve_model
+from pipeline.assets import is_config_only, model_config, resolve_model
 from pipeline.model.frozen import freeze, torch_dtype
 from pipeline.model.weight_files import MissingWeightsError, optional_file, read_prefixed_weights
 from pipeline.spec.model import VisionTowerSpec
@@ -84,13 +84,12 @@ def image_preprocessing(spec: VisionTowerSpec) -> ImagePreprocessing:
     Returns:
         The preprocessing the data pipeline must apply.
     """
-    path = resolve_model(spec.name)
-    processor = _read_processor_config(path)
+    processor = {} if is_config_only(spec.name) else _read_processor_config(resolve_model(spec.name))
     mean = tuple(processor.get("image_mean") or IMAGENET_MEAN)
     std = tuple(processor.get("image_std") or IMAGENET_STD)
     size = spec.image_size or _processor_size(processor)
     if size is None:
-        config_size = getattr(_vision_config(AutoConfig.from_pretrained(path)), "image_size", None)
+        config_size = getattr(_vision_config(model_config(spec.name)), "image_size", None)
         size = _side(config_size) or _DEFAULT_IMAGE_SIZE
     return ImagePreprocessing(mean=mean, std=std, image_size=size)
 
@@ -122,7 +121,8 @@ def _side(size: int | list | tuple | dict | None) -> int | None:
 
 
 def load_vision_tower(spec: VisionTowerSpec, *, weights: bool = True) -> PreTrainedModel:
-    """Load, optionally truncate, and freeze the vision tower of ``spec``.
+    """Load (for a ``config:`` name: build with random weights), optionally truncate, and
+    freeze the vision tower of ``spec``.
 
     Args:
         spec: The vision tower section of the model spec.
@@ -136,17 +136,17 @@ def load_vision_tower(spec: VisionTowerSpec, *, weights: bool = True) -> PreTrai
         VisionTowerError: The checkpoint has no vision model transformers can build, no weights
             file, or lacks weights the tower needs (they would be silently random otherwise).
     """
-    path = resolve_model(spec.name)
-    full_config = AutoConfig.from_pretrained(path)
+    full_config = model_config(spec.name)
     config = _vision_config(full_config)
     model_cls = _vision_model_class(config)
     dtype = torch_dtype(spec.dtype)
     prefix = _PREFIXED_VISION_TOWERS.get(full_config.model_type)
-    if not weights:
-        model = (AutoModel.from_config(config, dtype=dtype) if model_cls is AutoModel
-                 else model_cls._from_config(config, dtype=dtype))
+    if not weights or is_config_only(spec.name):
+        # The real shapes, random weights, allocated where torch's default device says.
+        build = model_cls.from_config if model_cls is AutoModel else model_cls._from_config
+        model = build(config, dtype=dtype)
     else:
-        model = _pretrained_tower(spec.name, path, model_cls, config, dtype, prefix)
+        model = _pretrained_tower(spec.name, resolve_model(spec.name), model_cls, config, dtype, prefix)
     if spec.drop_last_layer:
         if prefix is not None:
             log.warning(

@@ -4,30 +4,18 @@ never a traceback."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.cli import main
-from tests.helpers import REPO, free_port, jpeg_bytes, sample_members, write_tar
+from tests.helpers import REPO, cli_without, free_port, jpeg_bytes, sample_members, write_tar
 from tests.data.corpus import bad_corpus_spec
-
-# Runs the CLI with the named modules made unimportable (as if their package were missing).
-_CLI = """
-import sys
-for name in filter(None, sys.argv[1].split(",")):
-    sys.modules[name] = None
-from pipeline.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 def _cli(args: list[str], hide: tuple[str, ...] = (), env: dict | None = None, cwd: Path = REPO):
-    result = subprocess.run([sys.executable, "-c", _CLI, ",".join(hide), *args], cwd=cwd,
-                            env=env or dict(os.environ), capture_output=True, text=True, timeout=120)
+    result = cli_without(hide, args, env=env, cwd=cwd)
     return result.returncode, result.stderr.strip().splitlines()
 
 
