@@ -12,7 +12,8 @@ held twice. Where DeepSpeed keeps the state:
   master and moments (``param._hp_mapping``); every rank sends its fragments to rank 0 in one
   gather per tensor kind, and rank 0 assembles them.
 - ZeRO-3: DeepSpeed's full-parameter API, one collective per parameter.
-- No ZeRO in fp32: the parameters are the masters and the torch optimizer holds the moments.
+- No ZeRO: every rank holds the whole state; the masters are DeepSpeed's fp32 copies beside
+  16-bit parameters, or the parameters themselves in fp32; the torch optimizer holds the moments.
 
 Restoring: the model gets the masters before ``deepspeed.initialize`` (so the working copies
 start from them), one optimizer step at learning rate 0 on a zero-weight batch makes DeepSpeed
@@ -126,9 +127,9 @@ def set_masters(engine, weights: Mapping[str, torch.Tensor]) -> None:
             _set_zero3_partition(p, value, None)
         elif _partitioned(p):
             safe_set_full_fp32_param(p, value)  # sets only this rank's part, if it holds one
-        else:  # no ZeRO, fp32: the parameter is the master
+        else:
             with torch.no_grad():
-                p.copy_(value)
+                _master_of(engine, p).copy_(value)
 
 
 def restore_state(engine, state: TrainingState, *, step: int, samples: int,
@@ -164,7 +165,7 @@ def restore_state(engine, state: TrainingState, *, step: int, samples: int,
             elif _partitioned(p):
                 safe_set_full_optimizer_state(p, value, key)
             else:
-                _torch_optimizer(engine).state[p][key].copy_(value)
+                _torch_optimizer(engine).state[_master_of(engine, p)][key].copy_(value)
     for optimizer_state in _torch_optimizer(engine).state.values():
         if "step" in optimizer_state:
             optimizer_state["step"] = _like_step(optimizer_state["step"], state.adam_step)
@@ -196,7 +197,7 @@ def clamp_masters(engine, bounds: Mapping[str, tuple[float, float]]) -> None:
                 if p._hp_mapping is not None:  # this rank holds a part of it
                     p._hp_mapping.get_hp_fragment().clamp_(low, high)
             else:
-                p.clamp_(low, high)
+                _master_of(engine, p).clamp_(low, high)
 
 
 def _gather_fragments(params: list[torch.nn.Parameter], kinds) -> dict:
@@ -265,8 +266,20 @@ def _full_zero3(p: torch.nn.Parameter, kind: str | None) -> torch.Tensor:
 
 
 def _plain(engine, p: torch.nn.Parameter, kind: str | None) -> torch.Tensor:
-    value = p if kind is None else _torch_optimizer(engine).state[p][kind]
+    master = _master_of(engine, p)
+    value = master if kind is None else _torch_optimizer(engine).state[master][kind]
     return value.detach().float().cpu().clone()
+
+
+def _master_of(engine, p: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master of a parameter no rank partitions (no ZeRO): the fp32 copy DeepSpeed's
+    mixed-precision optimizer holds beside it, or under fp32 the parameter itself."""
+    wrapper = engine.optimizer
+    for working, masters in zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ())):
+        for candidate, master in zip(working, masters):
+            if candidate is p:
+                return master
+    return p
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:

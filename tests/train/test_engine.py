@@ -88,7 +88,7 @@ def _restore_and_gather(rank: int, job_json: str, folder: str, out: str) -> None
                     "scheduler": state.scheduler}, out)
 
 
-@pytest.mark.parametrize("zero_stage, saved_by, restored_by", [(2, 2, 1), (3, 1, 2)])
+@pytest.mark.parametrize("zero_stage, saved_by, restored_by", [(0, 2, 1), (2, 2, 1), (3, 1, 2)])
 def test_masters_and_moments_resume_bitwise_at_another_world_size_under_bf16(tmp_path, zero_stage, saved_by,
                                                                             restored_by):
     from pipeline.train.state import TrainingState
