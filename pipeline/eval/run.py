@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.console import console
 from pipeline.checkpoint.lookup import TrainedCheckpoint, find_checkpoint, read_checkpoint
 from pipeline.checkpoint.rebuild import load_trained_model
 from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
@@ -109,6 +110,18 @@ class ScoringActor:
                 "caption": np.array(captions, dtype=object), **out}
 
 
+def eval_folder(request: EvalRequest, checkpoint: TrainedCheckpoint | None = None) -> Location:
+    """Where :func:`run_eval` writes: ``request.out``, or the checkpoint's ``eval`` folder.
+
+    Raises:
+        CheckpointNotFound: no checkpoint at ``request.checkpoint`` (when ``out`` is not given).
+    """
+    if request.out:
+        return Location.of(request.out, request.storage)
+    checkpoint = checkpoint or find_checkpoint(Location.of(request.checkpoint, request.storage))
+    return checkpoint.location.child("eval")
+
+
 def run_eval(request: EvalRequest) -> dict:
     """Evaluate ``request.checkpoint`` on ``request.data``; returns what ``eval.json`` holds.
 
@@ -128,7 +141,7 @@ def run_eval(request: EvalRequest) -> dict:
     captions = list(outputs["caption"])
     metrics = stage1_metrics(outputs, gallery) if objective == 1 else stage2_metrics(outputs, captions)
 
-    out = Location.of(request.out, request.storage) if request.out else checkpoint.location.child("eval")
+    out = eval_folder(request, checkpoint)
     sample_rows = read_rows(data.shards, [KEY, IMAGE], request.examples)  # evaluated first
     keys = sample_rows.column(KEY).to_pylist()
     shown = examples(outputs, keys, gallery)[: request.examples]
@@ -198,11 +211,13 @@ def _score(request: EvalRequest, checkpoint: TrainedCheckpoint, data: HeldOutDat
     log.info("eval: scoring %d samples with %d actor(s), batches of %d", total, actors, size)
     parts: list[dict[str, np.ndarray]] = []
     done, started = 0, time.monotonic()
+    progress = console().progress("eval: samples", total)
+    progress.update(0)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         parts.append(batch)
         done += len(batch["key"])
-        rate = done / max(time.monotonic() - started, 1e-9)
-        log.info("eval: %d/%d samples | %.1f samples/s | ETA %.0fs", done, total, rate, (total - done) / rate)
+        progress.update(done, f"{done / max(time.monotonic() - started, 1e-9):.1f} samples/s")
+    progress.close()
     outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     order = np.argsort(outputs["key"].astype(str), kind="stable")
     return {name: values[order] for name, values in outputs.items()}
