@@ -14,6 +14,7 @@ from pipeline.spec.base import SpecModel
 from pipeline.spec.losses import LossName, Objective, objective_of
 from pipeline.spec.prep import PrepSpec
 from pipeline.spec.storage import StorageSpec
+from pipeline.spec.tracking import TrackingSpec
 
 
 class RunSpec(SpecModel):
@@ -32,6 +33,10 @@ class RunSpec(SpecModel):
     resumed run repeats an uninterrupted one)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept per stage (the newest ones)."""
+    about: str | None = None
+    """What the run does and how long it should take, printed when it starts."""
+    tracking: TrackingSpec = TrackingSpec()
+    """TensorBoard (on by default), MLflow and W&B."""
 
 
 class ScalingSpec(SpecModel):

@@ -17,6 +17,7 @@ class StageTask:
         run_dir: The run folder.
         shards: The prepared training shards, in corpus order.
         init_weights: A checkpoint folder whose trained weights a new stage starts from.
+        launch: Which ``qformer train`` command started the stage (an id per command).
     """
 
     job_json: str
@@ -24,6 +25,7 @@ class StageTask:
     run_dir: Location
     shards: tuple[Location, ...]
     init_weights: Location | None
+    launch: str = ""
 
     def to_config(self) -> dict:
         return {
@@ -32,6 +34,7 @@ class StageTask:
             "run_dir": [self.run_dir.url, self.run_dir.options],
             "shards": [[s.url, s.options] for s in self.shards],
             "init_weights": [self.init_weights.url, self.init_weights.options] if self.init_weights else None,
+            "launch": self.launch,
         }
 
     @classmethod
@@ -43,4 +46,5 @@ class StageTask:
             run_dir=Location(*config["run_dir"]),
             shards=tuple(Location(url, options) for url, options in config["shards"]),
             init_weights=Location(*init) if init else None,
+            launch=config.get("launch", ""),
         )
