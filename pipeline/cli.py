@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     _verbose_argument(train)
     train.set_defaults(handler=_train)
 
+    _status_command(commands)
     _cluster_commands(commands)
     _eval_command(commands)
 
@@ -164,6 +165,45 @@ def _cluster_commands(commands) -> None:
         action.add_argument("--address", **address)
     for action in (listing, status, logs, stop):
         action.set_defaults(handler=_jobs)
+
+
+def _status_command(commands) -> None:
+    """``qformer status``: where a training run stands (pipeline.checkpoint.status)."""
+    status = commands.add_parser(
+        "status", help="where a training run stands: stages, step, losses, checkpoints, restarts, lease")
+    status.add_argument("run", help="run folder (local or s3://), e.g. runs/demo")
+    status.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 5) until the run has finished or Ctrl-C")
+    status.add_argument("--json", action="store_true", help="print JSON (one object per refresh)")
+    status.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// run folder")
+    status.add_argument("--region", default=None, help="S3 region")
+    status.add_argument("--profile", default=None, help="AWS profile for s3://")
+    status.set_defaults(handler=_status)
+
+
+def _status(args) -> int:
+    import time
+
+    from pipeline.checkpoint.status import render, run_status
+    from pipeline.spec.storage import StorageSpec
+
+    run = Location.of(args.run, StorageSpec(endpoint_url=args.endpoint_url, region=args.region,
+                                            profile=args.profile))
+    refresh = sys.stdout.isatty() and args.watch is not None and not args.json
+    try:
+        while True:
+            status = run_status(run)
+            if refresh:
+                sys.stdout.write("\033[H\033[2J")  # redraw in place, like watch(1)
+            if args.json:
+                print(json.dumps(status, indent=None if args.watch else 1), flush=True)
+            else:
+                print(render(status) + ("\n" if args.watch is not None and not refresh else ""), flush=True)
+            if args.watch is None or status["state"] == "finished":
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _eval_command(commands) -> None:

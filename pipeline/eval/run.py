@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.console import console
 from pipeline.checkpoint.lookup import TrainedCheckpoint, find_checkpoint, read_checkpoint
 from pipeline.checkpoint.rebuild import load_trained_model
+from pipeline.console import console
 from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
 from pipeline.eval.heldout import (
     CaptionGallery,
@@ -29,7 +29,8 @@ from pipeline.eval.heldout import (
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
 from pipeline.eval.sheet import write_sheet
 from pipeline.eval.summary import DEFINITIONS, examples, stage1_metrics, stage2_metrics
-from pipeline.io.storage import Location, write_bytes_atomic
+from pipeline.io.storage import Location, read_bytes, write_bytes_atomic
+from pipeline.io.tensorboard import EventLog
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec.storage import StorageSpec
 
@@ -173,7 +174,16 @@ def run_eval(request: EvalRequest) -> dict:
     }
     write_bytes_atomic(out.child("eval.json"), json.dumps(report, indent=1).encode())
     report["eval_json"] = out.child("eval.json").url
+    _tensorboard(out, checkpoint.step, metrics)
     return report
+
+
+def _tensorboard(out: Location, step: int, metrics: dict[str, float]) -> None:
+    """The metrics and the sheet as TensorBoard events beside ``eval.json``, at the checkpoint's step."""
+    events = EventLog(out)
+    events.scalars(step, {f"eval/{name}": value for name, value in metrics.items()})
+    events.image("eval/sheet", read_bytes(out.child("sheet.png")), step)
+    events.close()
 
 
 def _score(request: EvalRequest, checkpoint: TrainedCheckpoint, data: HeldOutData,

@@ -19,6 +19,7 @@ from pipeline.checkpoint.format import COMPLETE, JOB, LOSS_PLOT, METADATA, METRI
 from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.errors import QformerError
 from pipeline.eval.periodic import resolve_stage_evals
+from pipeline.io.lease import hold_lease
 from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
@@ -46,6 +47,11 @@ def run_training(job: JobSpec) -> dict:
     job, vision_note = resolve_model_paths(job)
     ensure_ray(job.run.ray_address)
     run_dir = run_dir_of(job)
+    with hold_lease(run_dir, purpose="qformer train"):  # one run at a time trains a run folder
+        return _train_curriculum(job, run_dir, vision_note)
+
+
+def _train_curriculum(job: JobSpec, run_dir: Location, vision_note: str) -> dict:
     shards = _training_shards(job, run_dir)
     job = _resolve_evals(job)
     launch = _record_launch(job, run_dir)
