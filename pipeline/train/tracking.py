@@ -94,6 +94,9 @@ def flat_params(job: JobSpec) -> dict[str, str]:
         if isinstance(value, dict) and value:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, list) and value and any(isinstance(item, dict) for item in value):
+            for index, item in enumerate(value):  # stages.0.steps, as --set names them
+                walk(f"{prefix}.{index}", item)
         else:
             text = value if isinstance(value, str) else json.dumps(value)
             flat[prefix] = redact_text(text)
