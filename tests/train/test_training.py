@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.checkpoint.status import run_status
+from pipeline.io.storage import Location
 from pipeline.model import Blip2Pretrainer
 from pipeline.train.run import run_training
 from tests.train.helpers import job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
@@ -105,6 +107,8 @@ def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
     assert final["resumed_from_step"] == 4, "the restarted workers continued from the checkpoint"
     steps = [r["step"] for r in _metrics(run / "metrics.jsonl")]
     assert steps == list(range(1, 13)), "metrics must cover every step exactly once after the restart"
+    [stage] = run_status(Location.of(str(tmp_path / "worker-kill")))["stages"]
+    assert (stage["starts"], stage["worker_restarts"], stage["resumes"]) == (2, 1, 0), "qformer status sees it"
 
 
 def _start_train(spec: Path) -> subprocess.Popen:
@@ -135,11 +139,13 @@ def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepare
     second = _start_train(spec)
     output, _ = second.communicate(timeout=400)
     assert second.returncode == 0, output
-    start = int(re.search(r"resumed at step (\d+)/8", output).group(1))
-    shown = re.findall(r"\[stage1\] step (\d+)/8 ", output)
+    start = int(re.search(r"resumed at step (\d+)/8", output).group(1))  # on the console
+    fs.invalidate_cache()
+    # The command's log, uploaded to the run folder, has every step's line once.
+    [log] = fs.glob("test-bucket/runs/resumed/logs/train-*.log")
+    shown = re.findall(r"\[stage1\] step (\d+)/8 ", fs.cat_file(log).decode())
     assert shown == [str(step) for step in range(start + 1, 9)], "one progress line per step"
 
-    fs.invalidate_cache()
     resumed = [json.loads(line) for line in fs.cat_file("test-bucket/runs/resumed/stage1/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for mine, theirs in zip(resumed, expected):
