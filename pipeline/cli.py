@@ -314,7 +314,7 @@ def _next_steps(spec: JobSpec, run: str) -> list[str]:
         lines.append(f"  curves:      tensorboard --logdir {spec.run.storage}")
     lines += [f"  evaluate:    qformer eval {run} --data {data} --max-samples 256   "
               "(the training data here; better: held-out data prepared the same way)",
-              f"  export:      qformer export {run} exports/{spec.run.name}"]
+              f"  export:      qformer export {run} out/{spec.run.name}"]
     return ["next:", *lines]
 
 

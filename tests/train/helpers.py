@@ -13,6 +13,17 @@ from pipeline.assets import tiny_model_section
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 
+NEWCOMER_COMMANDS = (
+    "qformer demo-corpus data/demo/raw",
+    "qformer prep jobs/prep_demo.yaml",
+    "qformer train jobs/demo_tiny.yaml --set run.tracking.mlflow.experiment=demo "
+    "--set run.tracking.wandb.project=demo",
+    "qformer status runs/demo-tiny",
+    "qformer status runs/demo-tiny --json",
+)
+"""Commands of the docs that tests/train/test_user_view.py runs, in this order, in a folder
+holding a copy of jobs/."""
+
 
 def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
              stage1_steps: int = 6, stage2_steps: int | None = 4, checkpoint_every: int = 3,

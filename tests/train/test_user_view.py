@@ -17,17 +17,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, tensorboard_scalars
-from tests.train.helpers import tiny_job, wait_for_registered_checkpoint, wandb_history
-
-NEWCOMER_COMMANDS = (
-    "qformer demo-corpus data/demo/raw",
-    "qformer prep jobs/prep_demo.yaml",
-    "qformer train jobs/demo_tiny.yaml --set run.tracking.mlflow.experiment=demo "
-    "--set run.tracking.wandb.project=demo",
-    "qformer status runs/demo-tiny",
-    "qformer status runs/demo-tiny --json",
-)
-"""Run, in this order, in a folder holding a copy of jobs/ (docs/ names them)."""
+from tests.train.helpers import NEWCOMER_COMMANDS, tiny_job, wait_for_registered_checkpoint, wandb_history
 
 NOISE = ("Token authentication", "core_worker.cc", "Progress bars disabled", "deepspeed_shm_comm_op",
          "Loading weights", "FutureWarning", "all_gather_into_tensor", "deduplicates logs",
