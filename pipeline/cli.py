@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from pipeline.console import command_output, console, log_file, setup_logging
-from pipeline.errors import EXIT_FAILED, QformerError
+from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError
 from pipeline.io.storage import Location
 from pipeline.spec import JobSpec, SpecError, load_spec
 
@@ -42,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _full_log(err: BaseException) -> str:
+    """Where to read more about a failure of work that ran; a usage error (exit status 2: nothing
+    started) says all there is in its line."""
     log = getattr(err, "log", None)
-    return f" (full log: {log})" if log else ""
+    if not log or getattr(err, "exit_status", None) == EXIT_USAGE:
+        return ""
+    return f" (full log: {log})"
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import yaml
 
 import pipeline.console as console_module
 from pipeline.console import Console
-from tests.helpers import REPO, demo_prep_spec
+from tests.helpers import REPO, demo_prep_spec, sample_members, write_tar
 
 
 class _Terminal(io.StringIO):
@@ -78,25 +79,44 @@ def test_a_command_shows_our_lines_and_logs_everything_else(tmp_path):
         assert line in logged
 
 
-@pytest.mark.slow  # a whole qformer prep process: imports Ray Data, loads a tokenizer
-def test_an_error_after_the_log_started_is_one_line_naming_the_log(tmp_path):
-    """A prep output folder of another spec is refused inside the command: one line, exit 2,
-    with the log's path; the log holds the traceback."""
+def _prep(tmp_path, inputs: list[str]) -> subprocess.CompletedProcess:
     spec = demo_prep_spec(tmp_path)
-    spec["prep"]["inputs"] = [str(REPO / "tests" / "test_console.py")]  # any existing file
+    spec["prep"]["inputs"] = inputs
     del spec["prep"]["tokenizers"]["llm"]  # (quicker to load)
-    (tmp_path / "prepared" / "_work").mkdir(parents=True)
-    (tmp_path / "prepared" / "_work" / "plan.json").write_text(json.dumps({"fingerprint": "another spec"}))
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
-    result = subprocess.run([sys.executable, "-m", "pipeline", "prep", str(path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    return subprocess.run([sys.executable, "-m", "pipeline", "prep", str(path)], cwd=REPO,
+                          env={**os.environ, "RAY_ADDRESS": "local"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow  # a whole qformer prep process: starts Ray
+def test_a_failure_is_one_line_naming_the_log_that_holds_the_rest(tmp_path):
+    write_tar(tmp_path / "raw" / "00000.tar", sample_members("a", "a red square"))
+    (tmp_path / "raw" / "00001.tar").write_text("not a tar")
+    result = _prep(tmp_path, [str(tmp_path / "raw" / "*.tar")])
+    assert result.returncode == 1
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "holds the output of a different prep spec" in lines[0]
-    log = lines[0].rsplit("(full log: ", 1)[1].rstrip(")")
+    assert lines[-1].startswith("error: prep: 1 of 2 shards failed (00001: ") and "Traceback" not in result.stderr
+    log = lines[-1].rsplit("(full log: ", 1)[1].rstrip(")")
     assert log.startswith(str(tmp_path / "prepared" / "logs" / "prep-"))
-    assert "Traceback" in open(log).read() and "Traceback" not in result.stderr
+    text = open(log).read()
+    assert "prep: 2 input shards" in text and "Traceback" in text and "PrepFailed" in text
+    assert "Token authentication" in text or "ray" in text.lower(), "Ray's own lines are in the log"
+
+
+@pytest.mark.slow  # a whole qformer prep process: imports Ray Data, loads a tokenizer
+def test_a_usage_error_inside_a_command_is_one_line_without_a_log(tmp_path):
+    """A prep output folder of another spec is refused after the log started: exit 2, one line
+    that says it all; the log keeps the traceback."""
+    (tmp_path / "prepared" / "_work").mkdir(parents=True)
+    (tmp_path / "prepared" / "_work" / "plan.json").write_text(json.dumps({"fingerprint": "another spec"}))
+    result = _prep(tmp_path, [str(REPO / "tests" / "test_console.py")])  # any existing file
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ") and line.endswith("use another output folder, or delete it to start over")
+    [log] = (tmp_path / "prepared" / "logs").glob("prep-*.log")
+    assert "Traceback" in log.read_text()
 
 
 @pytest.mark.parametrize("argv", [["train", "--help"], ["prep", "--help"], ["eval", "--help"]])

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from pipeline.io.storage import Location
@@ -39,6 +40,7 @@ def test_scalars_and_images_are_read_back_and_a_resume_hides_the_steps_it_repeat
     assert tensorboard_images(str(tmp_path)) == {"eval/sheet": []}  # the image was at step 5: purged
 
 
+@pytest.mark.slow  # TensorBoard reads S3 in a process of its own
 def test_event_files_on_s3_are_uploaded_and_tensorboard_reads_them_there(s3_endpoint):
     import s3fs
 
