@@ -3,6 +3,7 @@ step, the spec as parameters, final checkpoints as links, one run across resumes
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,9 @@ def test_mlflow_and_wandb_offline_hold_the_logged_steps_and_links(tmp_path, monk
     plot.write_bytes(b"\x89PNG\r\n\x1a\n not really drawn")
     trackers.stage_done({"stage": "stage1", "checkpoint": str(plot.parent / "step-00000003")}, run_dir)
     trackers.close()
-    # Running the job again (a resume) continues the same runs.
+    # Running the job again (a resume) continues the same runs. (W&B names an offline run's
+    # folder by the second it started: a resume within the same second would share it.)
+    time.sleep(1.1)
     again = Trackers.open(job, run_dir)
     again.log("stage2", {**_record(1), "loss_lm": 5.0})
     again.close()
