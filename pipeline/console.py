@@ -79,11 +79,11 @@ class Console:
         else:
             self._write(self.err, line)
 
-    def progress(self, label: str, total: int, *, unit: str = "") -> "Progress":
+    def progress(self, label: str, total: int) -> "Progress":
         """A progress display for ``total`` units of work (one at a time per console)."""
         if self.active is not None:
             self.active.close()
-        self.active = Progress(self, label, total, unit=unit)
+        self.active = Progress(self, label, total)
         return self.active
 
     @staticmethod
@@ -108,8 +108,8 @@ class Progress:
     so work done before it (a resumed run) does not make it optimistic.
     """
 
-    def __init__(self, owner: Console, label: str, total: int, *, unit: str = ""):
-        self.owner, self.label, self.total, self.unit = owner, label, total, unit
+    def __init__(self, owner: Console, label: str, total: int):
+        self.owner, self.label, self.total = owner, label, total
         self._bar = None
         self._first: tuple[int, float] | None = None
         self._printed_at = float("-inf")
@@ -126,7 +126,7 @@ class Progress:
         elif done > 0 and (done >= self.total or now - self._printed_at >= PLAIN_EVERY_S):
             self._printed_at = now
             eta = self.eta()
-            parts = [f"{self.label} {done}/{self.total}{self.unit}", detail, f"ETA {eta}" if eta else ""]
+            parts = [f"{self.label} {done}/{self.total}", detail, f"ETA {eta}" if eta else ""]
             Console._write(self.owner.err, " | ".join(part for part in parts if part))
 
     def eta(self) -> str:
@@ -157,7 +157,7 @@ class Progress:
 
         if self._bar is None:
             self._bar = tqdm(
-                total=self.total, initial=done, desc=self.label, file=self.owner.err, unit=self.unit or "it",
+                total=self.total, initial=done, desc=self.label, file=self.owner.err,
                 dynamic_ncols=True, leave=True, mininterval=0.2,
                 bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}",
             )

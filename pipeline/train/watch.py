@@ -45,18 +45,25 @@ class StageView:
 
 @contextmanager
 def watch_stage(view: StageView) -> Iterator[object]:
-    """A progress board (a Ray actor handle) for rank 0, polled into ``view`` while the block runs."""
+    """A progress board (a Ray actor handle) for rank 0, polled into ``view`` while the block runs.
+    The display never stops training: if it fails, it says so once and stops."""
     import ray
 
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    stop = threading.Event()
+    stop, failed = threading.Event(), threading.Event()
+
+    def drain() -> None:
+        if failed.is_set():
+            return
+        try:
+            view(ray.get(board.take.remote(), timeout=30))
+        except Exception as err:
+            failed.set()
+            log.warning("train: the progress display stopped (%s); training goes on", err)
 
     def poll() -> None:
-        while not stop.wait(POLL_S):
-            try:
-                view(ray.get(board.take.remote(), timeout=30))
-            except Exception as err:  # the display must never stop training
-                log.debug("progress poll failed: %s", err)
+        while not stop.wait(POLL_S) and not failed.is_set():
+            drain()
 
     thread = threading.Thread(target=poll, name="qformer-progress", daemon=True)
     thread.start()
@@ -65,8 +72,6 @@ def watch_stage(view: StageView) -> Iterator[object]:
     finally:
         stop.set()
         thread.join()
-        try:
-            view(ray.get(board.take.remote(), timeout=30))
-        finally:
-            ray.kill(board)
-            view.close()
+        drain()  # what rank 0 sent last
+        ray.kill(board)
+        view.close()
