@@ -153,3 +153,7 @@ def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepare
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
     complete = json.loads(fs.cat_file("test-bucket/runs/resumed/stage1/complete.json"))
     assert complete["step"] == 8 and complete["checkpoint"].startswith("s3://test-bucket/runs/resumed/stage1/")
+    status = run_status(Location("s3://test-bucket/runs/resumed", {"endpoint_url": s3_endpoint}))
+    assert status["state"] == "finished" and status["lease"] is None and status["launches"] == 2
+    [stage] = status["stages"]
+    assert (stage["step"], stage["starts"], stage["resumes"], stage["worker_restarts"]) == (8, 2, 1, 0)
