@@ -17,7 +17,7 @@ import time
 from pipeline.checkpoint.format import ATTEMPTS, COMPLETE, JOB, METRICS, REGISTERED, SUMMARY
 from pipeline.errors import UsageError
 from pipeline.io.lease import read_lease
-from pipeline.io.storage import Location, exists, read_bytes, storage_errors
+from pipeline.io.storage import Location, read_bytes, storage_errors
 
 RECENT = 5
 """Step records averaged for throughput and the ETA."""
