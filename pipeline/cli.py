@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
-from pipeline.errors import EXIT_FAILED, QformerError
+from pipeline.console import command_output, console, log_file, setup_logging
+from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError
+from pipeline.io.storage import Location
 from pipeline.spec import JobSpec, SpecError, load_spec
 
 
@@ -22,18 +25,48 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    for name in ("qformer", "pipeline"):  # our progress lines, not the libraries' INFO chatter
-        logging.getLogger(name).setLevel(logging.INFO)
+    verbose = getattr(args, "verbose", False)
+    setup_logging(verbose=verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:  # the log file keeps every worker's line, without terminal colours
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when Ray is imported
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
         return args.handler(args)
     except QformerError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{_full_log(err)}", file=sys.stderr)
         return err.exit_status
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted{_full_log(interrupt)}", file=sys.stderr)
         return 130
+
+
+def _full_log(err: BaseException) -> str:
+    """Where to read more about a failure of work that ran; a usage error (exit status 2: nothing
+    started) says all there is in its line."""
+    log = getattr(err, "log", None)
+    if not log or getattr(err, "exit_status", None) == EXIT_USAGE:
+        return ""
+    return f" (full log: {log})"
+
+
+@contextmanager
+def _logged(args, folder: Location, command: str) -> Iterator[None]:
+    """Run the block with other programs' output in ``folder``'s log file (with ``-v``: live on
+    the console instead); Ray, if the block started it, stops inside."""
+    from pipeline.ray_runtime import stop_ray
+
+    if args.verbose:
+        try:
+            yield
+        finally:
+            stop_ray()
+        return
+    with command_output(log_file(folder, command)):
+        try:
+            yield
+        finally:
+            stop_ray()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,12 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-failed-shards", type=int, default=None, metavar="N",
                       help="succeed with up to N failed shards (named; retried by the next run); "
                            "sets prep.execution.max_failed_shards")
+    _verbose_argument(prep)
     prep.set_defaults(handler=_prep)
 
     train = commands.add_parser("train", help="run (or resume) a staged pretraining job")
     _spec_arguments(train)
+    _verbose_argument(train)
     train.set_defaults(handler=_train)
 
+    _status_command(commands)
     _cluster_commands(commands)
     _eval_command(commands)
 
@@ -102,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                                help="override a spec field, e.g. --set stages.0.steps=100 (repeatable)")
     bench_quality.add_argument("--fresh", action="store_true",
                                help="delete the benchmark's run folder first (else a finished run is reused)")
+    _verbose_argument(bench_quality)
     bench_quality.set_defaults(handler=_bench_quality)
     _export_command(commands)
     return parser
@@ -147,6 +184,45 @@ def _cluster_commands(commands) -> None:
         action.set_defaults(handler=_jobs)
 
 
+def _status_command(commands) -> None:
+    """``qformer status``: where a training run stands (pipeline.checkpoint.status)."""
+    status = commands.add_parser(
+        "status", help="where a training run stands: stages, step, losses, checkpoints, restarts, lease")
+    status.add_argument("run", help="run folder (local or s3://), e.g. runs/demo")
+    status.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 5) until the run has finished or Ctrl-C")
+    status.add_argument("--json", action="store_true", help="print JSON (one object per refresh)")
+    status.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// run folder")
+    status.add_argument("--region", default=None, help="S3 region")
+    status.add_argument("--profile", default=None, help="AWS profile for s3://")
+    status.set_defaults(handler=_status)
+
+
+def _status(args) -> int:
+    import time
+
+    from pipeline.checkpoint.status import render, run_status
+    from pipeline.spec.storage import StorageSpec
+
+    run = Location.of(args.run, StorageSpec(endpoint_url=args.endpoint_url, region=args.region,
+                                            profile=args.profile))
+    refresh = sys.stdout.isatty() and args.watch is not None and not args.json
+    try:
+        while True:
+            status = run_status(run)
+            if refresh:
+                sys.stdout.write("\033[H\033[2J")  # redraw in place, like watch(1)
+            if args.json:
+                print(json.dumps(status, indent=None if args.watch else 1), flush=True)
+            else:
+                print(render(status) + ("\n" if args.watch is not None and not refresh else ""), flush=True)
+            if args.watch is None or status["state"] == "finished":
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _eval_command(commands) -> None:
     """``qformer eval``: a checkpoint's metrics on a held-out set (pipeline.eval)."""
     evaluate = commands.add_parser(
@@ -169,6 +245,7 @@ def _eval_command(commands) -> None:
     evaluate.add_argument("--examples", type=_positive_int, default=16, help="samples on the sheet")
     evaluate.add_argument("--endpoint-url", default=None, help="S3 endpoint of s3:// checkpoints/data")
     evaluate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    _verbose_argument(evaluate)
     evaluate.set_defaults(handler=_eval)
 
 
@@ -178,6 +255,12 @@ def _spec_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="FIELD.PATH=VALUE",
         help="override a spec field, e.g. --set prep.filters.min_side=64 (repeatable)",
     )
+
+
+def _verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show other programs' output (Ray, DeepSpeed, transformers) live on the "
+                             "console instead of only in the command's log file")
 
 
 def _positive_int(text: str) -> int:
@@ -206,38 +289,54 @@ def _prep(args) -> int:
     spec = _load(args)
     if spec.prep is None:
         raise SpecError(f"{args.spec}: prep: this job spec has no prep section")
-    manifest = run_prep(spec.prep, ray_address=args.address)
-    totals, run, failed = manifest["totals"], manifest["run"], manifest["failed_shards"]
-    print(
-        f"prep done: {totals['samples_out']} of {totals['samples_in']} samples kept in "
-        f"{totals['shards']} shards; dropped {totals['dropped']} {manifest['drops']}; "
-        f"{run['samples_per_s']} samples/s; manifest: {spec.prep.output}/manifest.json"
-    )
-    if failed:
-        print(f"{len(failed)} failed shards accepted (--max-failed-shards "
-              f"{spec.prep.execution.max_failed_shards}), retried by the next run: "
-              f"{describe_failures(failed)}")
+    with _logged(args, Location.of(spec.prep.output, spec.prep.storage), "prep"):
+        manifest = run_prep(spec.prep, ray_address=args.address)
+        totals, run, failed = manifest["totals"], manifest["run"], manifest["failed_shards"]
+        say = console().say
+        say(f"prep done: {totals['samples_out']} of {totals['samples_in']} samples kept in "
+            f"{totals['shards']} shards; dropped {totals['dropped']} {manifest['drops']}; "
+            f"{run['samples_per_s']} samples/s; manifest: {spec.prep.output}/manifest.json")
+        if failed:
+            say(f"{len(failed)} failed shards accepted (--max-failed-shards "
+                f"{spec.prep.execution.max_failed_shards}), retried by the next run: "
+                f"{describe_failures(failed)}")
     return 0
 
 
 def _train(args) -> int:
-    from pipeline.train.run import run_training
+    from pipeline.train.run import run_dir_of, run_training
 
     spec = _load(args)
     if not spec.is_training:
         raise SpecError(f"{args.spec}: run: this job spec has no training sections")
-    summary = run_training(spec)
-    for stage in summary["stages"]:
-        losses = {k: round(v, 4) for k, v in (stage.get("final_metrics") or {}).items() if k.startswith("loss")}
-        print(f"stage {stage['stage']}: {stage['step']} steps, {stage['samples_seen']} samples, "
-              f"final {losses}; plot {stage['plot']}")
-    print(f"vision tower: {summary['vision_tower']}")
-    print(f"run folder: {summary['run']}")
+    with _logged(args, run_dir_of(spec), "train"):
+        summary = run_training(spec)
+        say = console().say
+        for stage in summary["stages"]:
+            losses = {k: round(v, 4) for k, v in (stage.get("final_metrics") or {}).items() if k.startswith("loss")}
+            say(f"stage {stage['stage']}: {stage['step']} steps, {stage['samples_seen']} samples, "
+                f"final {losses}; plot {stage['plot']}")
+        say(f"vision tower: {summary['vision_tower']}")
+        say(f"run folder: {summary['run']}")
+        for line in _next_steps(spec, summary["run"]):
+            say(line)
     return 0
 
 
+def _next_steps(spec: JobSpec, run: str) -> list[str]:
+    """Where to look after a training run, and what to try next."""
+    data = spec.data.prepared or f"{run}/prepared"
+    lines = [f"  status:      qformer status {run}"]
+    if spec.run.tracking.tensorboard:
+        lines.append(f"  curves:      tensorboard --logdir {spec.run.storage}")
+    lines += [f"  evaluate:    qformer eval {run} --data {data} --max-samples 256   "
+              "(the training data here; better: held-out data prepared the same way)",
+              f"  export:      qformer export {run} out/{spec.run.name}"]
+    return ["next:", *lines]
+
+
 def _eval(args) -> int:
-    from pipeline.eval.run import HEADLINE, EvalRequest, run_eval
+    from pipeline.eval.run import HEADLINE, EvalRequest, eval_folder, run_eval
     from pipeline.spec.storage import StorageSpec
 
     if args.itm_top_k < 0:
@@ -249,11 +348,13 @@ def _eval(args) -> int:
         examples=args.examples, ray_address=args.address,
         storage=StorageSpec(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
     )
-    report = run_eval(request)
-    metrics = report["metrics"]
-    print(f"{report['stage']} step {report['step']} on {report['samples']} samples: " + ", ".join(
-        f"{name} {metrics[name]:.4f}" for name in HEADLINE if name in metrics))
-    print(f"eval.json: {report['eval_json']}; sheet: {report['sheet']['html']}, {report['sheet']['png']}")
+    with _logged(args, eval_folder(request), "eval"):
+        report = run_eval(request)
+        metrics = report["metrics"]
+        say = console().say
+        say(f"{report['stage']} step {report['step']} on {report['samples']} samples: " + ", ".join(
+            f"{name} {metrics[name]:.4f}" for name in HEADLINE if name in metrics))
+        say(f"eval.json: {report['eval_json']}; sheet: {report['sheet']['html']}, {report['sheet']['png']}")
     return 0
 
 
@@ -374,11 +475,13 @@ def _export(args) -> int:
 
 
 def _bench_quality(args) -> int:
-    from pipeline.bench.quality import run_quality_benchmark
+    from pipeline.bench.quality import load_benchmark_spec, run_quality_benchmark
     from pipeline.eval.heldout import EvalError
+    from pipeline.train.run import run_dir_of
 
-    try:
-        results = run_quality_benchmark(args.spec, args.overrides, fresh=args.fresh)
-    except EvalError as err:  # the benchmark's own evaluation failed after training: exit 1, not 2
-        raise QformerError(str(err)) from None
+    with _logged(args, run_dir_of(load_benchmark_spec(args.spec, args.overrides)), "bench-quality"):
+        try:
+            results = run_quality_benchmark(args.spec, args.overrides, fresh=args.fresh)
+        except EvalError as err:  # the benchmark's own evaluation failed after training: exit 1, not 2
+            raise QformerError(str(err)) from None
     return 0 if all(results["passed"].values()) else EXIT_FAILED

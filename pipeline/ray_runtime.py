@@ -6,14 +6,17 @@ import logging
 import os
 import sys
 
+_started_here = False
+
 
 def ensure_ray(address: str | None = None) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), or start an embedded local Ray, once per process."""
+    global _started_here
     import ray
     from ray.data import DataContext
 
-    # Our own per-shard progress lines say more than Ray Data's per-operator log lines when
-    # the output is not a terminal; on a terminal Ray Data's live bars stay on as well.
+    # Our own progress display says more than Ray Data's per-operator bars; they stay on only
+    # where Ray's output itself reaches a terminal (``-v``), not in a command's log file.
     context = DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
     context.print_on_execution_start = False
@@ -26,6 +29,18 @@ def ensure_ray(address: str | None = None) -> None:
         logging_level="WARNING",
         configure_logging=True,
     )
+    _started_here = True
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray if :func:`ensure_ray` connected (a local Ray it started stops), so
+    that no late output of Ray or its workers follows a command's last line."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        ray.shutdown()
+        _started_here = False
 
 
 def cluster_cpus() -> int:

@@ -81,3 +81,22 @@ def demo_prep_spec(root: Path) -> dict:
         },
         "execution": {"rows_per_row_group": 30},
     }}
+
+
+def tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the TensorBoard event files in ``folder`` (local or ``s3://``),
+    read with TensorBoard's own reader: tag -> [(step, value)], purged steps left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(folder, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tensorboard_images(folder: str) -> dict[str, list[int]]:
+    """The image tags of the event files in ``folder`` and the steps each was logged at."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(folder, size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}

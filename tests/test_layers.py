@@ -12,7 +12,7 @@ from tests.helpers import REPO
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.errors",),
     ("pipeline.spec",),
-    ("pipeline.io", "pipeline.assets", "pipeline.versions", "pipeline.ray_runtime"),
+    ("pipeline.io", "pipeline.assets", "pipeline.versions", "pipeline.ray_runtime", "pipeline.console"),
     ("pipeline.data",),
     ("pipeline.model",),
     ("pipeline.checkpoint",),

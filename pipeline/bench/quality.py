@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.console import console
 from pipeline.data.prepared import MANIFEST
 from pipeline.io.storage import Location, exists, write_bytes_atomic
 from pipeline.spec import JobSpec, SpecError, load_spec
@@ -217,18 +218,19 @@ class _LoadMonitor:
 
 
 def _print(results: dict) -> None:
+    say = console().say
     metrics, chance = results["metrics"], results["chance"]["caption_accuracy"]
-    print(f"\nquality benchmark on the easy-VQA test split ({results['test_samples']} images, "
-          f"{results['distinct_captions']} distinct captions; chance accuracy {chance:.3f}):")
+    say(f"quality benchmark on the easy-VQA test split ({results['test_samples']} images, "
+        f"{results['distinct_captions']} distinct captions; chance accuracy {chance:.3f}):")
     for name, value in metrics.items():
         target = results["targets"].get(name)
         verdict = f"  (target >= {target}: {'PASS' if value >= target else 'FAIL'})" if target else ""
-        print(f"  {name:18s} {value:.4f}{verdict}")
+        say(f"  {name:18s} {value:.4f}{verdict}")
     times = results["wall_time_s"]
     verdict = "PASS" if results["passed"]["time_budget"] else "FAIL"
-    print(f"  wall time {times['total_s']:.0f}s (prep {times['prep_s']:.0f}s, train {times['train_s']:.0f}s, "
-          f"eval {times['eval_s']:.0f}s; budget {TIME_BUDGET_S}s: {verdict}) on {results['machine']['cpus']} "
-          f"CPUs, 1-minute load average {results['machine']['load_average_1m_mean']} on average, "
-          f"{results['machine']['load_average_1m_max']} at most")
-    print(f"  curves: {results['curves']}; stage plots: {', '.join(s['plot'] for s in results['stages'])}")
-    print(f"  sheets: {', '.join(results['sheets'].values())}; results: {results['results_json']}")
+    say(f"  wall time {times['total_s']:.0f}s (prep {times['prep_s']:.0f}s, train {times['train_s']:.0f}s, "
+        f"eval {times['eval_s']:.0f}s; budget {TIME_BUDGET_S}s: {verdict}) on {results['machine']['cpus']} "
+        f"CPUs, 1-minute load average {results['machine']['load_average_1m_mean']} on average, "
+        f"{results['machine']['load_average_1m_max']} at most")
+    say(f"  curves: {results['curves']}; stage plots: {', '.join(s['plot'] for s in results['stages'])}")
+    say(f"  sheets: {', '.join(results['sheets'].values())}; results: {results['results_json']}")

@@ -1,8 +1,9 @@
 """The files of a run folder and of its checkpoints.
 
-A run folder (``{run.storage}/{run.name}/``) holds one folder per stage, and ``summary.json``
-once every stage has finished. A stage folder holds its checkpoints (``step-NNNNNNNN/``),
-``metrics.jsonl``, ``loss.png`` and, once the stage has finished, ``complete.json`` naming its
+A run folder (``{run.storage}/{run.name}/``) holds ``job.json``, one folder per stage, the
+commands' ``logs/``, and ``summary.json`` once every stage has finished. A stage folder holds
+its checkpoints (``step-NNNNNNNN/``), ``metrics.jsonl`` and TensorBoard event files,
+``attempts.jsonl``, ``loss.png`` and, once the stage has finished, ``complete.json`` naming its
 final checkpoint. A checkpoint folder holds the files below.
 """
 
@@ -27,6 +28,18 @@ COMPLETE = "complete.json"
 """In a stage folder: the stage has finished; names its final checkpoint."""
 SUMMARY = "summary.json"
 """In a run folder: every stage has finished; lists them with their final checkpoints."""
+JOB = "job.json"
+"""In a run folder: the job spec of its latest ``qformer train`` (paths resolved), with the
+commands that ran it (``launches``: id, time, host)."""
+TRACKING = "tracking.json"
+"""In a run folder: the ids of its MLflow and W&B runs, which a resumed run continues."""
+ATTEMPTS = "attempts.jsonl"
+"""In a stage folder: one line each time its workers started it (time, step, workers, the
+command's launch id); more than one per launch: Ray Train restarted failed workers."""
+REGISTERED = "checkpoint_manager_snapshot.json"
+"""In a stage folder: Ray Train's record of the checkpoints it has registered (written by Ray)."""
+LOSS_PLOT = "loss.png"
+"""In a stage folder: the loss curves (and held-out metrics), drawn at the end of the stage."""
 
 
 def checkpoint_name(step: int) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+from pipeline.console import console
 from pipeline.data import dedup
 from pipeline.data.drops import merge_counts
 from pipeline.data.prepared import MANIFEST
@@ -234,27 +235,29 @@ def _process_shards(
     )
     processed: list[dict] = []
     failed: list[dict] = []
+    progress = console().progress("prep: shards", len(todo))
+    progress.update(0)
     for row in results.iter_rows():
         result = json.loads(row["result"])
         if "failed" in result:
             failed.append(result["failed"])
+            progress.write(f"prep: shard {result['failed']['name']} failed: {result['failed']['error']}")
         else:
             processed.append(result["stats"])
-        _log_progress(processed, failed, len(todo), started)
+        progress.update(len(processed) + len(failed), _progress_detail(processed, failed, started))
+    progress.close()
     return processed, sorted(failed, key=lambda failure: failure["name"])
 
 
-def _log_progress(processed: list[dict], failed: list[dict], total: int, started: float) -> None:
+def _progress_detail(processed: list[dict], failed: list[dict], started: float) -> str:
     samples = sum(s["samples_in"] for s in processed)
     kept = sum(s["samples_out"] for s in processed)
     drops = merge_counts(*(s["drops"] for s in processed))
     rate = samples / max(time.monotonic() - started, 1e-9)
     top = ", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])[:4])
-    log.info(
-        "prep: shards %d/%d%s | samples in %d, out %d | %.1f samples/s | dropped %d%s",
-        len(processed) + len(failed), total, f" ({len(failed)} failed)" if failed else "",
-        samples, kept, rate, sum(drops.values()), f" ({top})" if top else "",
-    )
+    return (f"{len(failed)} failed | " if failed else "") + (
+        f"samples in {samples}, out {kept} | {rate:.1f} samples/s | dropped {sum(drops.values())}"
+        + (f" ({top})" if top else ""))
 
 
 def _manifest(plan: PrepPlan, processed: list[dict], failed: list[dict], wall_time: float) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.checkpoint.format import load_trainable_weights
 from pipeline.checkpoint.lookup import TrainedCheckpoint, find_checkpoint, read_checkpoint
 from pipeline.checkpoint.rebuild import load_trained_model
+from pipeline.console import console
 from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
 from pipeline.eval.heldout import (
     CaptionGallery,
@@ -29,7 +30,8 @@ from pipeline.eval.heldout import (
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
 from pipeline.eval.sheet import write_sheet
 from pipeline.eval.summary import DEFINITIONS, examples, stage1_metrics, stage2_metrics
-from pipeline.io.storage import Location, write_bytes_atomic
+from pipeline.io.storage import Location, read_bytes, write_bytes_atomic
+from pipeline.io.tensorboard import EventLog
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec.storage import StorageSpec
 
@@ -111,6 +113,20 @@ class ScoringActor:
                 "caption": np.array(captions, dtype=object), **out}
 
 
+def eval_folder(request: EvalRequest, checkpoint: TrainedCheckpoint | None = None) -> Location:
+    """Where :func:`run_eval` writes: ``request.out``, or ``RUN/eval/STAGE-step-N`` beside the
+    run's stage folders (not inside the checkpoint, which keep-last-N deletion may remove).
+
+    Raises:
+        CheckpointNotFound: no checkpoint at ``request.checkpoint`` (when ``out`` is not given).
+    """
+    if request.out:
+        return Location.of(request.out, request.storage)
+    checkpoint = checkpoint or find_checkpoint(Location.of(request.checkpoint, request.storage))
+    step = checkpoint.location.url.rsplit("/", 1)[-1]
+    return checkpoint.run_folder.child("eval", f"{checkpoint.stage.name}-{step}")
+
+
 def run_eval(request: EvalRequest) -> dict:
     """Evaluate ``request.checkpoint`` on ``request.data``; returns what ``eval.json`` holds.
 
@@ -131,7 +147,7 @@ def run_eval(request: EvalRequest) -> dict:
     captions = list(outputs["caption"])
     metrics = stage1_metrics(outputs, gallery) if objective == 1 else stage2_metrics(outputs, captions)
 
-    out = Location.of(request.out, request.storage) if request.out else default_output(checkpoint)
+    out = eval_folder(request, checkpoint)
     sample_rows = read_rows(data.shards, [KEY, IMAGE], request.examples)  # evaluated first
     keys = sample_rows.column(KEY).to_pylist()
     shown = examples(outputs, keys, gallery)[: request.examples]
@@ -163,7 +179,16 @@ def run_eval(request: EvalRequest) -> dict:
     }
     write_bytes_atomic(out.child("eval.json"), json.dumps(report, indent=1).encode())
     report["eval_json"] = out.child("eval.json").url
+    _tensorboard(out, checkpoint.step, metrics)
     return report
+
+
+def _tensorboard(out: Location, step: int, metrics: dict[str, float]) -> None:
+    """The metrics and the sheet as TensorBoard events beside ``eval.json``, at the checkpoint's step."""
+    events = EventLog(out)
+    events.scalars(step, {f"eval/{name}": value for name, value in metrics.items()})
+    events.image("eval/sheet", read_bytes(out.child("sheet.png")), step)
+    events.close()
 
 
 def _score(request: EvalRequest, checkpoint: TrainedCheckpoint, data: HeldOutData,
@@ -201,19 +226,16 @@ def _score(request: EvalRequest, checkpoint: TrainedCheckpoint, data: HeldOutDat
     log.info("eval: scoring %d samples with %d actor(s), batches of %d", total, actors, size)
     parts: list[dict[str, np.ndarray]] = []
     done, started = 0, time.monotonic()
+    progress = console().progress("eval: samples", total)
+    progress.update(0)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         parts.append(batch)
         done += len(batch["key"])
-        rate = done / max(time.monotonic() - started, 1e-9)
-        log.info("eval: %d/%d samples | %.1f samples/s | ETA %.0fs", done, total, rate, (total - done) / rate)
+        progress.update(done, f"{done / max(time.monotonic() - started, 1e-9):.1f} samples/s")
+    progress.close()
     outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     order = np.argsort(outputs["key"].astype(str), kind="stable")
     return {name: values[order] for name, values in outputs.items()}
-
-
-def default_output(checkpoint: TrainedCheckpoint) -> Location:
-    """Where ``qformer eval`` writes when not told: ``RUN/eval/STAGE-step-N``."""
-    return checkpoint.run_folder.child("eval", f"{checkpoint.stage.name}-{checkpoint.location.url.rsplit('/', 1)[-1]}")
 
 
 def _defined(name: str, metrics: dict) -> bool:

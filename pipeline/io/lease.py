@@ -112,6 +112,47 @@ def hold_lease(folder: Location, *, purpose: str, stale_after_s: float = 300.0) 
             _release(store, lease)
 
 
+@dataclass(frozen=True)
+class LeaseState:
+    """A folder's lease as another process sees it (``qformer status``)."""
+
+    record: dict
+    """The lease file: owner, host, pid, purpose, start and heartbeat times."""
+    stale_reason: str | None
+    """Why the lease may be taken over (its holder is gone or silent); None: it is held."""
+
+    @property
+    def held(self) -> bool:
+        return self.stale_reason is None
+
+    @property
+    def heartbeat_age_s(self) -> float | None:
+        try:
+            return time.time() - float(self.record["heartbeat"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def read_lease(folder: Location) -> LeaseState | None:
+    """The lease of ``folder`` as it stands, without touching it; None when no lease file is
+    there (no run holds the folder).
+
+    Raises:
+        StorageError: the folder cannot be reached.
+    """
+    store = _store_for(folder)
+    with storage_errors(folder.url):
+        current = store.read()
+    if current is None:
+        return None
+    record = current[0]
+    try:
+        stale_after_s = float(record.get("stale_after_s", 300.0))
+    except (TypeError, ValueError):
+        stale_after_s = 300.0
+    return LeaseState(record, _stale_reason(record, stale_after_s))
+
+
 def _new_record(purpose: str, stale_after_s: float) -> dict:
     now = time.time()
     pid = os.getpid()

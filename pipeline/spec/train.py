@@ -14,6 +14,7 @@ from pipeline.spec.base import SpecModel
 from pipeline.spec.losses import LossName, Objective, objective_of
 from pipeline.spec.prep import PrepSpec
 from pipeline.spec.storage import StorageSpec
+from pipeline.spec.tracking import TrackingSpec
 
 
 class RunSpec(SpecModel):
@@ -39,6 +40,10 @@ class RunSpec(SpecModel):
     lease_stale_after_s: float = Field(300.0, gt=0)
     """A run holds a lease on its folder (one run at a time) and refreshes it while it runs; a
     lease not refreshed for this long is taken over by the next run."""
+    about: str | None = None
+    """What the run does and how long it should take, printed when it starts."""
+    tracking: TrackingSpec = TrackingSpec()
+    """TensorBoard (on by default), MLflow and W&B."""
 
 
 class ScalingSpec(SpecModel):

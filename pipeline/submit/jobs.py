@@ -116,17 +116,27 @@ def job_status(address: str | None, job_id: str, out: TextIO | None = None) -> i
     with sdk_errors(client, job_id):
         info = client.get_job_info(job_id)
     env_names = sorted((info.runtime_env or {}).get("env_vars") or {})
+    metadata = info.metadata or {}
     lines = [
         ("id", info.submission_id or job_id), ("status", str(info.status)),
         ("message", info.message or ""), ("entrypoint", info.entrypoint),
         ("started", _time(info.start_time)), ("ended", _time(info.end_time)),
-        ("duration", _duration(info)), ("run", (info.metadata or {}).get("qformer_run", "")),
+        ("duration", _duration(info)), ("run", metadata.get("qformer_run", "")),
+        ("progress", _status_command(metadata.get("qformer_run_dir", ""))),
         ("env vars", ", ".join(env_names)),
     ]
     for key, value in lines:
         if value:
             out.write(f"{key + ':':<12}{value}\n")
     return 0
+
+
+def _status_command(run_dir: str) -> str:
+    """The ``qformer status`` command of a training job's run folder."""
+    if not run_dir:
+        return ""
+    where = "" if "://" in run_dir else " (on the cluster's storage: a path relative to the job's working dir)"
+    return f"qformer status {run_dir}{where}"
 
 
 def job_logs(address: str | None, job_id: str, *, follow_logs: bool = False,

@@ -108,13 +108,18 @@ def submit(request: SubmitRequest, out: TextIO | None = None, err: TextIO | None
             client.submit_job(
                 entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
                 metadata={"qformer_run": name, "qformer_command": command,
-                          "qformer_spec": spec_file},
+                          "qformer_spec": spec_file, "qformer_run_dir": run_folder(spec)},
             )
     print(f"submit: submitted {submission_id}: {entrypoint}", file=err)
     if not request.wait:
         print(submission_id, file=out)
         return 0
     return follow(client, submission_id, out, err)
+
+
+def run_folder(spec: JobSpec) -> str:
+    """The run folder a training job writes, as its spec names it ("" for a prep-only job)."""
+    return f"{spec.run.storage.rstrip('/')}/{spec.run.name}" if spec.is_training else ""
 
 
 def run_name(spec: JobSpec) -> str:

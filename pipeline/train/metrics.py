@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pipeline.io.storage import Location, atomic_write, exists, read_bytes
 from pipeline.spec.losses import LOSSES, TOTAL_LOSS
+from pipeline.train.progress import note
 
 LOSS_FIELDS = (TOTAL_LOSS, *(loss.output_field for loss in LOSSES))
 # Held-out metrics of periodic evaluation (pipeline.eval.periodic), all fractions in [0, 1].
@@ -18,11 +19,19 @@ EVAL_SERIES = ("eval_caption_accuracy", "eval_t2i_r1", "eval_i2t_itm_r1", "eval_
 
 
 def console(line: str) -> None:
-    """Show a progress line from a Ray Train worker on the driver's console, once.
+    """A note from a Ray Train worker (resumed, initialised from ...): into the command's log
+    (the worker's output, which Ray forwards to the driver) and, from rank 0, onto the driver's
+    console (:mod:`pipeline.train.progress`).
 
-    Ray Train replaces ``print`` in its workers by one that logs the line and also prints it
-    when Ray has wrapped stdout, so every printed line reached the console twice.
+    Written to ``sys.stdout`` directly: Ray Train replaces ``print`` in its workers by one that
+    logs the line and also prints it when Ray has wrapped stdout, so a printed line came twice.
     """
+    log_line(line)
+    note(line)
+
+
+def log_line(line: str) -> None:
+    """A line into the command's log only (the worker's output)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -54,14 +63,41 @@ class StepClock:
         return StepTiming(self._lr, time.monotonic() - self._step_started, wait - self._wait)
 
     def progress_line(self, stage: str, record: dict) -> str:
-        """The console line of a step record: losses, lr, throughput, data wait and ETA."""
+        """The log line of a step record: losses, lr, throughput, data wait and ETA."""
         done = record["step"]
         elapsed = time.monotonic() - self.started
         eta = elapsed / max(1, done - self.start_step) * (self.total_steps - done)
-        losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in record.items() if k in LOSS_FIELDS)
-        wait = 100 * record["data_wait_s"] / max(record["step_time_s"], 1e-9)
-        return (f"[{stage}] step {done}/{self.total_steps} | {losses} | lr {record['lr']:.2e} | "
-                f"{record['samples_per_s']:.1f} samples/s | data wait {wait:.0f}% | ETA {eta:.0f}s")
+        return f"[{stage}] step {done}/{self.total_steps} | {record_detail(record)} | ETA {eta:.0f}s"
+
+
+def record_detail(record: dict) -> str:
+    """A step record in a few words: losses, lr, throughput and data wait."""
+    losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in record.items() if k in LOSS_FIELDS)
+    wait = 100 * record["data_wait_s"] / max(record["step_time_s"], 1e-9)
+    return f"{losses} | lr {record['lr']:.2e} | {record['samples_per_s']:.1f} samples/s | data wait {wait:.0f}%"
+
+
+_GROUPS = {"lr": "optim", "samples_per_s": "throughput", "tokens_per_s": "throughput",
+           "data_wait_s": "time", "step_time_s": "time", "samples_seen": "progress"}
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """A record's numbers under the names trackers show them by (``loss/itc``, ``eval/t2i_r1``,
+    ``throughput/samples_per_s``, ...); the step is not among them."""
+    named = {}
+    for key, value in record.items():
+        if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key == TOTAL_LOSS:
+            name = "loss/total"
+        elif key in LOSS_FIELDS:
+            name = "loss/" + key[len(TOTAL_LOSS) + 1:]
+        elif key.startswith("eval_"):
+            name = "eval/" + key[len("eval_"):]
+        else:
+            name = f"{_GROUPS.get(key, 'train')}/{key}"
+        named[name] = float(value)
+    return named
 
 
 def step_record(step: int, fields: tuple[str, ...], means: list[float], timing: StepTiming, *,

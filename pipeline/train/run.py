@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 
-from pipeline.checkpoint.format import COMPLETE, METADATA, METRICS, SUMMARY
+from pipeline.checkpoint.format import COMPLETE, JOB, LOSS_PLOT, METADATA, METRICS, SUMMARY
 from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.errors import QformerError
 from pipeline.eval.periodic import resolve_stage_evals
@@ -29,7 +30,10 @@ from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
 from pipeline.train.init_weights import check_init_sources, stage_init_source
 from pipeline.train.resume import check_resumable, latest_checkpoint
+from pipeline.train.progress import PROGRESS
 from pipeline.train.task import FATAL, StageTask
+from pipeline.train.tracking import Trackers
+from pipeline.train.watch import StageView, watch_stage
 from pipeline.train.worker import train_stage
 
 log = logging.getLogger("qformer.train")
@@ -59,22 +63,35 @@ def run_training(job: JobSpec) -> dict:
         for leftover in remove_partial_writes(run_dir):
             log.info("train: removed %s, left half-written by a killed run", leftover)
         ensure_ray(job.run.ray_address)
-        shards = _training_shards(job, run_dir)
-        job = _resolve_evals(job)
-        summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
-        previous: Location | None = None
+        return _train_curriculum(job, run_dir, vision_note, finished, checked_inits)
+
+
+def _train_curriculum(job: JobSpec, run_dir: Location, vision_note: str, finished: dict[str, dict],
+                      checked_inits) -> dict:
+    shards = _training_shards(job, run_dir)
+    job = _resolve_evals(job)
+    launch = _record_launch(job, run_dir)
+    _announce(job, run_dir)
+    summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
+    previous: Location | None = None
+    trackers = Trackers.open(job, run_dir)
+    try:
         for index, stage in enumerate(job.stages):
-            marker = run_dir.child(stage.name, COMPLETE)
             done = finished.get(stage.name)
             if done is None:
                 init = stage_init_source(job, index, run_dir, previous, checked_inits)
-                done = _run_stage(job, index, run_dir, shards, init)
-                write_bytes_atomic(marker, json.dumps(done, indent=1).encode())
+                done = _run_stage(job, index, run_dir, shards, init, launch, trackers)
+                write_bytes_atomic(run_dir.child(stage.name, COMPLETE), json.dumps(done, indent=1).encode())
+                trackers.stage_done(done, run_dir)
             else:
                 log.info("train: stage %s finished earlier (step %d); skipping", stage.name, done["step"])
             previous = Location(done["checkpoint"], run_dir.options)
             summary["stages"].append(done)
         write_bytes_atomic(run_dir.child(SUMMARY), json.dumps(summary, indent=1).encode())
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()
     return summary
 
 
@@ -99,6 +116,27 @@ def _check_resumes(job: JobSpec, run_dir: Location) -> dict[str, dict]:
             log.info("train: stage %s finished at step %d; continuing it to step %d (steps raised)",
                      stage.name, done["step"], stage.steps)
     return finished
+
+
+def _record_launch(job: JobSpec, run_dir: Location) -> str:
+    """Write ``RUN/job.json``: this job spec and, after the earlier ones, this command's launch;
+    returns the launch id (workers record it with each start of a stage)."""
+    marker = run_dir.child(JOB)
+    launches = json.loads(read_bytes(marker)).get("launches", []) if exists(marker) else []
+    launch = {"id": uuid.uuid4().hex[:12], "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+    record = {"spec": job.model_dump(mode="json"), "launches": [*launches, launch]}
+    write_bytes_atomic(marker, json.dumps(record, indent=1).encode())
+    return launch["id"]
+
+
+def _announce(job: JobSpec, run_dir: Location) -> None:
+    """What the run will do, how long it should take, and how to follow it."""
+    stages = ", ".join(f"{stage.name} {stage.steps} steps" for stage in job.stages)
+    log.info("train: run %s in %s: %s on %d worker(s)", job.run.name, run_dir.url, stages, job.scaling.workers)
+    if job.run.about:
+        log.info("train: %s", job.run.about)
+    log.info("train: follow it with `qformer status %s --watch`%s", run_dir.url,
+             f" or `tensorboard --logdir {job.run.storage}`" if job.run.tracking.tensorboard else "")
 
 
 def resolve_model_paths(job: JobSpec) -> tuple[JobSpec, str]:
@@ -176,21 +214,46 @@ def _check_tokens(job: JobSpec, manifest: dict) -> None:
         raise TrainError("a stage trains with the LLM (lm loss) but the prepared data has no LLM tokens")
 
 
-def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dict:
+def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init, launch: str,
+               trackers: Trackers) -> dict:
+    stage = job.stages[index]
+    task = StageTask(job.model_dump_json(), index, run_dir, tuple(shards), init, launch)
+    log.info("train: stage %s (%d steps, %d workers): starting the workers", stage.name, stage.steps,
+             job.scaling.workers)
+    started = time.monotonic()
+    with watch_stage(StageView(stage, trackers)) as board:
+        result = _fit(job, task, board)
+    if result.error is not None or result.checkpoint is None:
+        raise TrainError(f"stage {stage.name} failed: {_first_line(result.error)}")
+    checkpoint_url = _storage_url(run_dir, result.checkpoint.path)
+    metadata = json.loads(read_bytes(Location(checkpoint_url, run_dir.options).child(METADATA)))
+    return {
+        "stage": stage.name,
+        "step": metadata["step"],
+        "samples_seen": metadata["samples_seen"],
+        "checkpoint": checkpoint_url,
+        "final_metrics": result.metrics,
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "metrics": run_dir.child(stage.name, METRICS).url,
+        "plot": run_dir.child(stage.name, LOSS_PLOT).url,
+    }
+
+
+def _fit(job: JobSpec, task: StageTask, board):
+    """Train one stage as a Ray Train run whose rank 0 reports to ``board``; its result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    stage = job.stages[index]
+    stage = job.stages[task.stage_index]
     scaling = job.scaling
     use_gpu = scaling.gpus_per_worker > 0
     resources = {"CPU": scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    task = StageTask(job.model_dump_json(), index, run_dir, tuple(shards), init, attempt=uuid.uuid4().hex)
-    storage_fs, storage_path = _ray_storage(run_dir)
+    storage_fs, storage_path = _ray_storage(task.run_dir)
     trainer = TorchTrainer(
         train_stage,
-        train_loop_config=task.to_config(),
+        train_loop_config={**task.to_config(), PROGRESS: board},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -203,31 +266,21 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init) -> dic
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
         ),
     )
-    log.info("train: stage %s (%d steps, %d workers)", stage.name, stage.steps, scaling.workers)
-    started = time.monotonic()
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except TrainingFailedError as error:
-        fatal = run_dir.child(stage.name, FATAL)
-        if exists(fatal) and (record := json.loads(read_bytes(fatal)))["attempt"] == task.attempt:
+        fatal = task.run_dir.child(stage.name, FATAL)
+        if exists(fatal) and (record := json.loads(read_bytes(fatal)))["launch"] == task.launch:
             raise TrainError(f"stage {stage.name} failed: {record['message']}",
                              exit_status=record["exit_status"]) from None
         raise TrainError(f"stage {stage.name} failed (the run resumes from its last checkpoint "
-                         f"when started again): {error}") from error
-    if result.error is not None or result.checkpoint is None:
-        raise TrainError(f"stage {stage.name} failed: {result.error}")
-    checkpoint_url = _storage_url(run_dir, result.checkpoint.path)
-    metadata = json.loads(read_bytes(Location(checkpoint_url, run_dir.options).child(METADATA)))
-    return {
-        "stage": stage.name,
-        "step": metadata["step"],
-        "samples_seen": metadata["samples_seen"],
-        "checkpoint": checkpoint_url,
-        "final_metrics": result.metrics,
-        "wall_time_s": round(time.monotonic() - started, 1),
-        "metrics": run_dir.child(stage.name, METRICS).url,
-        "plot": run_dir.child(stage.name, "loss.png").url,
-    }
+                         f"when started again): {_first_line(error)}") from error
+
+
+def _first_line(error) -> str:
+    """An error in one line (a failed worker's traceback is in the log)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else repr(error)
 
 
 def _ray_storage(run_dir: Location):

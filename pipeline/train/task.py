@@ -21,8 +21,9 @@ class StageTask:
         run_dir: The run folder.
         shards: The prepared training shards, in corpus order.
         init_weights: The weights a new stage starts from (``init_from``), or None.
-        attempt: Names this ``qformer train`` invocation's run of the stage (a fatal error
-            recorded by an earlier invocation does not stop this one).
+        launch: Which ``qformer train`` command started the stage (an id per command): restarts
+            of its workers are told from resumes by a later command, and an error that repeats on
+            every restart, recorded under this id, stops only this command's restarts.
     """
 
     job_json: str
@@ -30,7 +31,7 @@ class StageTask:
     run_dir: Location
     shards: tuple[Location, ...]
     init_weights: InitSource | None
-    attempt: str = ""
+    launch: str = ""
 
     def to_config(self) -> dict:
         return {
@@ -39,7 +40,7 @@ class StageTask:
             "run_dir": [self.run_dir.url, self.run_dir.options],
             "shards": [[s.url, s.options] for s in self.shards],
             "init_weights": self.init_weights.to_config() if self.init_weights else None,
-            "attempt": self.attempt,
+            "launch": self.launch,
         }
 
     @classmethod
@@ -51,5 +52,5 @@ class StageTask:
             run_dir=Location(*config["run_dir"]),
             shards=tuple(Location(url, options) for url, options in config["shards"]),
             init_weights=InitSource.from_config(init) if init else None,
-            attempt=config["attempt"],
+            launch=config.get("launch", ""),
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.checkpoint.format import METRICS, checkpoint_name
+from pipeline.checkpoint.format import LOSS_PLOT, checkpoint_name
 from pipeline.checkpoint.rebuild import rebuild_model
 from pipeline.data.batches import PixelNormalizer, to_device
 from pipeline.data.prepared import MODEL_INPUTS, text_kind
@@ -22,7 +22,9 @@ from pipeline.spec.train import StageSpec
 from pipeline.train.checkpoint import read_metadata, remove_stale_folders, save_and_report
 from pipeline.train.engine import build_engine, engine_dtypes, select_accelerator
 from pipeline.train.loader import BatchStream, LoaderConfig, placeholder_batch
-from pipeline.train.metrics import MetricsLog, StepClock, console, plot_losses, step_record
+from pipeline.train.metrics import StepClock, console, log_line, plot_losses, step_record
+from pipeline.train.progress import PROGRESS, open_channel
+from pipeline.train.records import StageRecords
 from pipeline.train.state import zero3_masters
 from pipeline.train.seeds import data_seed
 from pipeline.train.step import StepPlan, train_step
@@ -61,36 +63,38 @@ def train_stage(config: dict) -> None:
 
     select_accelerator(ray.train.torch.get_device())
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     remove_stale_folders()
     task = StageTask.from_config(config)
     job = JobSpec.model_validate_json(task.job_json)
     fatal = task.run_dir.child(job.stages[task.stage_index].name, FATAL)
-    _stop_if_fatal(fatal, task.attempt)
+    _stop_if_fatal(fatal, task.launch)
     try:
-        _train(task, job)
+        _train(task, job, config.get(PROGRESS))
     except QformerError as error:
         if error.permanent:  # restarted workers would meet it again: they stop at once on it
-            write_bytes_atomic(fatal, json.dumps({"attempt": task.attempt, "message": str(error),
+            write_bytes_atomic(fatal, json.dumps({"launch": task.launch, "message": str(error),
                                                   "exit_status": error.exit_status}).encode())
         raise
 
 
-def _stop_if_fatal(fatal: Location, attempt: str) -> None:
-    """Raise the error an earlier worker of this attempt recorded, before loading anything."""
+def _stop_if_fatal(fatal: Location, launch: str) -> None:
+    """Raise the error an earlier worker of this launch recorded, before loading anything."""
     if exists(fatal):
         record = json.loads(read_bytes(fatal))
-        if record["attempt"] == attempt:
+        if record["launch"] == launch:
             raise QformerError(record["message"], exit_status=record["exit_status"])
 
 
-def _train(task: StageTask, job: JobSpec) -> None:
-    """Build the engine, restore, train the stage, checkpoint."""
+def _train(task: StageTask, job: JobSpec, board) -> None:
+    """Build the engine, restore, train the stage, checkpoint; rank 0 reports to ``board``."""
     import ray.train
     import ray.train.torch
 
     me = WorkerStage(job, task, job.stages[task.stage_index], ray.train.get_context().get_world_rank(),
                      _worker_nodes())
     stage = me.stage
+    channel = open_channel(board if me.rank == 0 else None)  # rank 0 tells the driver
 
     # Resume from the checkpoint Ray Train hands us, if any: its streams, its step, its state.
     checkpoint = ray.train.get_checkpoint()
@@ -103,7 +107,8 @@ def _train(task: StageTask, job: JobSpec) -> None:
         engine = build_engine(job, stage, plan, folder=folder, saved=saved, init_weights=task.init_weights,
                               placeholder=placeholder, rank=me.rank)
     start_step = saved["step"] if saved else 0
-    metrics_log = MetricsLog(task.run_dir.child(stage.name, METRICS), start_step) if me.rank == 0 else None
+    metrics_log = StageRecords(task.run_dir.child(stage.name), start_step, tensorboard=job.run.tracking.tensorboard,
+                               attempt={"launch": task.launch, "world_size": me.world}) if me.rank == 0 else None
     if me.rank == 0 and saved:
         console(f"[{stage.name}] resumed at step {start_step}/{stage.steps} on {me.world} worker(s) "
                 f"(written by {saved['world_size']})")
@@ -130,11 +135,14 @@ def _train(task: StageTask, job: JobSpec) -> None:
                 _checkpoint(me, engine, plan, batches, done, loss=means[0], metrics_log=metrics_log,
                             resumed_from=start_step if saved else None)
         if me.rank == 0:
-            plot_losses(metrics_log.records, task.run_dir.child(stage.name, "loss.png"),
+            plot_losses(metrics_log.records, task.run_dir.child(stage.name, LOSS_PLOT),
                         f"{job.run.name} / {stage.name}")
     finally:
         for stream in batches:
             stream.close()
+        if metrics_log is not None:
+            metrics_log.close()
+        channel.close()
 
 
 def _step_plan(me: WorkerStage, saved: dict | None, device: torch.device) -> StepPlan:
@@ -150,13 +158,13 @@ def _data_wait(batches: list[BatchStream]) -> float:
     return sum(stream.wait_seconds for stream in batches)
 
 
-def _log_step(metrics_log: MetricsLog, clock: StepClock, stage: StageSpec, plan: StepPlan, done: int,
+def _log_step(metrics_log: StageRecords, clock: StepClock, stage: StageSpec, plan: StepPlan, done: int,
               means: list[float], data_wait: float) -> None:
-    """Rank 0: the step's record into ``metrics.jsonl`` and its line on the console."""
+    """Rank 0: the step's record (``metrics.jsonl``, TensorBoard, the driver) and its log line."""
     record = step_record(done, plan.loss_fields, means, clock.stop(wait=data_wait),
                          samples_per_step=plan.samples_per_step, micro_batches=plan.micro_batches)
     metrics_log.append(record)
-    console(clock.progress_line(stage.name, record))
+    log_line(clock.progress_line(stage.name, record))
 
 
 def _loader_config(job: JobSpec, task: StageTask, stage: StageSpec, *, pin_memory: bool) -> LoaderConfig:
@@ -203,16 +211,16 @@ class _EvalModel:
 
 
 def _evaluate(evaluator: PeriodicEval, model: torch.nn.Module, stage: StageSpec, step: int,
-              metrics_log: MetricsLog | None) -> None:
+              metrics_log: StageRecords | None) -> None:
     """Periodic held-out evaluation (every rank scores its share); rank 0 logs the record."""
     record = evaluator.run(model, step)
     if record is not None:
         metrics_log.append(record)
-        console(progress_line(stage, record))
+        log_line(progress_line(stage, record))
 
 
 def _checkpoint(me: WorkerStage, engine, plan: StepPlan, batches: list[BatchStream], done: int, *,
-                loss: float, metrics_log: MetricsLog | None, resumed_from: int | None) -> None:
+                loss: float, metrics_log: StageRecords | None, resumed_from: int | None) -> None:
     """Write and report the checkpoint of step ``done`` (every rank; Ray Train registers it)."""
     job, stage = me.job, me.stage
     if me.rank == 0:

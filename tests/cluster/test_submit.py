@@ -151,6 +151,7 @@ def test_tiny_demo_trains_through_submit_then_resumes_only_when_asked(
     assert (tmp_path / "demo-tiny" / "stage2" / "complete.json").is_file()
     code, status, _ = qformer(capsys, "jobs", "status", "qformer-demo-tiny", "--address", ray_head.address)
     assert "status:     SUCCEEDED" in status
+    assert f"progress:   qformer status {tmp_path}/demo-tiny" in status  # the run's own status command
 
     # A finished run is not submitted again silently...
     code, out, err = qformer(capsys, *argv)

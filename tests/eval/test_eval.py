@@ -20,6 +20,7 @@ from pipeline.model import build_llm_tokenizer, image_preprocessing
 from pipeline.model.losses import image_text_similarity
 from pipeline.model.generate import DecodingSpec, generate_captions
 from pipeline.eval.scoring import ScoringSpec, Stage2Scorer
+from tests.helpers import tensorboard_images, tensorboard_scalars
 
 SAMPLES = 48
 
@@ -77,6 +78,12 @@ def test_stage1_eval_writes_consistent_recalls_and_a_sheet(tiny_checkpoints, pre
     assert (out / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "sheet.html").read_text()
     assert html.count("data:image/jpeg;base64,") == 6 and report["examples"][0]["caption"] in html
+    # The metrics and the sheet in TensorBoard, at the checkpoint's step; the command's log beside.
+    scalars = tensorboard_scalars(str(out))
+    [(step, value)] = scalars["eval/caption_accuracy"]
+    assert step == 3 and value == pytest.approx(m["caption_accuracy"], abs=1e-6)  # float32 there
+    assert tensorboard_images(str(out)) == {"eval/sheet": [3]}
+    assert len(list((out / "logs").glob("eval-*.log"))) == 1
 
 
 def test_stage2_eval_generates_captions_and_scores_them(tiny_checkpoints, prepared_demo, tmp_path):

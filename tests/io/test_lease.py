@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipeline.io.lease import LEASE_FILE, LeaseHeld, LeaseLost, _S3Store, hold_lease
+from pipeline.io.lease import LEASE_FILE, LeaseHeld, LeaseLost, _S3Store, hold_lease, read_lease
 from pipeline.io.storage import Location, read_bytes, write_bytes_atomic
 
 
@@ -79,6 +79,19 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(folder, capl
         with hold_lease(folder, purpose="qformer prep", stale_after_s=3600):
             pass
     assert "process 4242 on this host is gone" in caplog.text
+
+
+def test_the_reader_tells_a_held_lease_from_a_dead_holders_and_none(folder):
+    assert read_lease(folder) is None
+    with hold_lease(folder, purpose="qformer train") as lease:
+        state = read_lease(folder)
+        assert state.held and state.record["token"] == lease.record["token"] and state.heartbeat_age_s < 60
+    assert read_lease(folder) is None
+    write_bytes_atomic(_lease_file(folder),
+                       json.dumps(_foreign_record(1, host=socket.gethostname())).encode())
+    state = read_lease(folder)
+    assert not state.held and "process 4242 on this host is gone" in state.stale_reason
+    assert state.record["purpose"] == "qformer prep", "reading never changes the lease"
 
 
 def test_heartbeat_keeps_a_long_run_from_going_stale(folder):

@@ -1,5 +1,5 @@
-"""Tiny curriculum specs and Ray Train helpers for the training tests (the prepared demo corpus
-is a fixture of tests/conftest.py)."""
+"""Tiny curriculum specs, Ray Train helpers and a W&B offline-run reader for the training tests
+(the prepared demo corpus is a fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ import psutil
 from pipeline.assets import tiny_model_section
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
+
+NEWCOMER_COMMANDS = (
+    "qformer demo-corpus data/demo/raw",
+    "qformer prep jobs/prep_demo.yaml",
+    "qformer train jobs/demo_tiny.yaml --set run.tracking.mlflow.experiment=demo "
+    "--set run.tracking.wandb.project=demo",
+    "qformer status runs/demo-tiny",
+    "qformer status runs/demo-tiny --json",
+)
+"""Commands of the docs that tests/train/test_user_view.py runs, in this order, in a folder
+holding a copy of jobs/."""
 
 
 def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,
@@ -180,3 +191,35 @@ def _ranked(rank: int, world: int, port: int, function, args) -> None:
         function(rank, *args)
     finally:
         dist.destroy_process_group()
+
+
+def wandb_history(run_file) -> list[dict]:
+    """The ``history`` rows (what ``run.log`` logged) of a W&B offline run's ``run-*.wandb`` file.
+
+    The file is W&B's transaction log: a 7-byte header, then LevelDB-log records (32 KiB blocks,
+    each chunk with a 7-byte header: CRC, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4) holding
+    ``wandb_internal_pb2.Record`` messages.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    block, position, pending, rows = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # block trailer or padding
+            position += left
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.checkpoint.status import run_status
 from pipeline.io.storage import Location
 from pipeline.model import Blip2Pretrainer
 from pipeline.train.run import run_training
@@ -139,6 +140,8 @@ def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
     assert final["resumed_from_step"] == 4, "the restarted workers continued from the checkpoint"
     steps = [r["step"] for r in _metrics(run / "metrics.jsonl")]
     assert steps == list(range(1, 13)), "metrics must cover every step exactly once after the restart"
+    [stage] = run_status(Location.of(str(tmp_path / "worker-kill")))["stages"]
+    assert (stage["starts"], stage["worker_restarts"], stage["resumes"]) == (2, 1, 0), "qformer status sees it"
 
 
 def _start_train(spec: Path) -> subprocess.Popen:
@@ -169,11 +172,13 @@ def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepare
     second = _start_train(spec)
     output, _ = second.communicate(timeout=400)
     assert second.returncode == 0, output
-    start = int(re.search(r"resumed at step (\d+)/8", output).group(1))
-    shown = re.findall(r"\[stage1\] step (\d+)/8 ", output)
+    start = int(re.search(r"resumed at step (\d+)/8", output).group(1))  # on the console
+    fs.invalidate_cache()
+    # The command's log, uploaded to the run folder, has every step's line once.
+    [log] = fs.glob("test-bucket/runs/resumed/logs/train-*.log")
+    shown = re.findall(r"\[stage1\] step (\d+)/8 ", fs.cat_file(log).decode())
     assert shown == [str(step) for step in range(start + 1, 9)], "one progress line per step"
 
-    fs.invalidate_cache()
     resumed = [json.loads(line) for line in fs.cat_file("test-bucket/runs/resumed/stage1/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for mine, theirs in zip(resumed, expected):
@@ -181,6 +186,10 @@ def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepare
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
     complete = json.loads(fs.cat_file("test-bucket/runs/resumed/stage1/complete.json"))
     assert complete["step"] == 8 and complete["checkpoint"].startswith("s3://test-bucket/runs/resumed/stage1/")
+    status = run_status(Location("s3://test-bucket/runs/resumed", {"endpoint_url": s3_endpoint}))
+    assert status["state"] == "finished" and status["lease"] is None and status["launches"] == 2
+    [stage] = status["stages"]
+    assert (stage["step"], stage["starts"], stage["resumes"], stage["worker_restarts"]) == (8, 2, 1, 0)
 
 
 def test_raising_steps_continues_a_finished_stage_and_a_torn_metrics_line_is_dropped(prepared_demo, tmp_path):
