@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
                            "sets prep.execution.max_failed_shards")
     prep.set_defaults(handler=_prep)
 
+    curate = commands.add_parser(
+        "curate", help="curate prepared shards: near duplicates, CapFilt captions, score filters (the curate section)")
+    _spec_arguments(curate)
+    curate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    curate.add_argument("--max-failed-shards", type=int, default=None, metavar="N",
+                        help="succeed with up to N failed shards (named; retried by the next run); "
+                             "sets curate.execution.max_failed_shards")
+    curate.set_defaults(handler=_curate)
+
     train = commands.add_parser("train", help="run (or resume) a staged pretraining job")
     _spec_arguments(train)
     train.set_defaults(handler=_train)
@@ -204,6 +213,27 @@ def _prep(args) -> int:
         print(f"{len(failed)} failed shards accepted (--max-failed-shards "
               f"{spec.prep.execution.max_failed_shards}), retried by the next run: "
               f"{describe_failures(failed)}")
+    return 0
+
+
+def _curate(args) -> int:
+    from pipeline.curate.run import run_curate
+
+    if args.max_failed_shards is not None:
+        args.overrides.append(f"curate.execution.max_failed_shards={args.max_failed_shards}")
+    spec = _load(args)
+    if spec.curate is None:
+        raise SpecError(f"{args.spec}: curate: this job spec has no curate section")
+    manifest = run_curate(spec.curate, ray_address=args.address)
+    totals = manifest["totals"]
+    phases = ", ".join(f"{name} {p['images_per_s_per_cpu']} images/s per CPU"
+                       for name, p in manifest["phases"].items() if p.get("images_per_s_per_cpu"))
+    print(f"curate done: {totals['samples_out']} of {totals['samples_in']} samples kept in {totals['shards']} "
+          f"shards; dropped {totals['dropped']} {manifest['drops']}; {phases or 'nothing left to do'}; "
+          f"manifest: {spec.curate.output}/manifest.json")
+    if manifest["failed_shards"]:
+        print(f"{len(manifest['failed_shards'])} failed shards accepted, retried by the next run: "
+              + "; ".join(f"{f['name']}: {f['error']}" for f in manifest["failed_shards"][:3]))
     return 0
 
 
