@@ -99,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     bench_quality.add_argument("--fresh", action="store_true",
                                help="delete the benchmark's run folder first (else a finished run is reused)")
     bench_quality.set_defaults(handler=_bench_quality)
+    bench_curate = benches.add_parser(
+        "curate", help="CapFilt on a noisy demo corpus by its own model: filter precision/recall and accuracy gained")
+    bench_curate.add_argument("--spec", default="jobs/bench_curate.yaml", help="the benchmark's job spec")
+    bench_curate.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD.PATH=VALUE",
+                              help="override a spec field, e.g. --set stages.0.steps=100 (repeatable)")
+    bench_curate.add_argument("--noise", type=float, default=0.5,
+                              help="fraction of the training captions replaced by wrong ones (default 0.5)")
+    bench_curate.add_argument("--fresh", action="store_true",
+                              help="delete the benchmark's runs, noisy and curated corpora first (else reused)")
+    bench_curate.set_defaults(handler=_bench_curate)
     _export_command(commands)
     return parser
 
@@ -373,6 +383,19 @@ def _export(args) -> int:
         print(f"exported in our own format to {result.out_dir}: load it with "
               "pipeline.export.load_exported (see its README.md)")
     return 0
+
+
+def _bench_curate(args) -> int:
+    from pipeline.bench.curate import run_curate_benchmark
+    from pipeline.eval.heldout import EvalError
+
+    if not 0 < args.noise < 1:
+        raise SpecError("--noise: must be between 0 and 1")
+    try:
+        results = run_curate_benchmark(args.spec, args.overrides, noise=args.noise, fresh=args.fresh)
+    except EvalError as err:  # the benchmark's own evaluation failed after training: exit 1, not 2
+        raise QformerError(str(err)) from None
+    return 0 if all(results["passed"].values()) else EXIT_FAILED
 
 
 def _bench_quality(args) -> int:

@@ -1,6 +1,7 @@
 """Synthetic captions: K per image by nucleus sampling, from our stage-2 model or a transformers
-image-to-text model. Each image is sampled with torch seeded by (``captioner.seed``, its key), so
-a rerun (or another batch size, or another machine's run) writes the same captions."""
+image-to-text model. Each image's captions are sampled from a seed of (``captioner.seed``, its
+key) alone (``pipeline.model.generate.SeededNucleusSampling``), so a rerun, or a run with other
+batches, writes the same captions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import hashlib
 import torch
 
 from pipeline.curate.sources import PixelBatcher, decode_rgb, our_checkpoint, transformers_name
-from pipeline.model.generate import DecodingSpec, generate_captions, seeded_per_image
+from pipeline.model.generate import DecodingSpec, generate_captions
 from pipeline.spec.curate import CaptionerSpec
 from pipeline.spec.storage import StorageSpec
 
@@ -63,23 +64,24 @@ class TransformersCaptioner:
         path = transformers_name(name)
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(spec.dtype)).to(device).eval()
-        self.kwargs = {k: v for k, v in decoding_of(spec).generate_kwargs().items() if k != "length_penalty"}
+        self.decoding = decoding_of(spec)
 
     @torch.no_grad()
     def __call__(self, images: list[bytes], keys: list[str]) -> list[list[str]]:
         """K captions for each image (prepared JPEG bytes)."""
-
-        def one(index: int) -> list[str]:
-            inputs = self.processor(images=[decode_rgb(images[index])], text=self.spec.prompt or None,
-                                    return_tensors="pt").to(self.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            output = self.model.generate(**inputs, **self.kwargs)  # (K, T)
-            texts = self.processor.batch_decode(output, skip_special_tokens=True)
-            return [_without_prompt(text, self.spec.prompt) for text in texts]
-
+        k = self.spec.captions
+        inputs = self.processor(images=[decode_rgb(data) for data in images],
+                                text=[self.spec.prompt] * len(images) if self.spec.prompt else None,
+                                return_tensors="pt")
+        rows = {name: value.repeat_interleave(k, dim=0).to(self.device) for name, value in inputs.items()
+                if isinstance(value, torch.Tensor)}  # every input tensor, K rows per image
+        if "pixel_values" in rows:
+            rows["pixel_values"] = rows["pixel_values"].to(self.model.dtype)
         seeds = [image_seed(self.spec.seed, key) for key in keys]
-        return seeded_per_image(seeds, self.device, one)
+        output = self.model.generate(**rows, **self.decoding.generate_kwargs(seeds))  # (B * K, T)
+        texts = [_without_prompt(text, self.spec.prompt)
+                 for text in self.processor.batch_decode(output, skip_special_tokens=True)]
+        return [texts[i * k : (i + 1) * k] for i in range(len(images))]
 
 
 def _without_prompt(text: str, prompt: str) -> str:

@@ -87,8 +87,21 @@ def plan_curate(spec: CurateSpec) -> CuratePlan:
     output_dir = Location.of(spec.output, spec.storage)
     tasks = [CurateTask(entry["name"], ordinal, Location(entry["output"], manifest_location.options), output_dir)
              for ordinal, entry in enumerate(manifest["shards"])]
+    spec = _absolute_models(spec)
     _check_models(spec)
     return CuratePlan(spec, manifest_location, tokenizers, output_dir, tasks)
+
+
+def _absolute_models(spec: CurateSpec) -> CurateSpec:
+    """Local model folders as absolute paths: the actors may run in another working directory."""
+    import os
+
+    update = {}
+    for field in ("captioner", "ranker"):
+        model = getattr(spec, field)
+        if model is not None and os.path.isdir(model.model):
+            update[field] = model.model_copy(update={"model": os.path.abspath(model.model)})
+    return spec.model_copy(update=update)
 
 
 def _check_models(spec: CurateSpec) -> None:
