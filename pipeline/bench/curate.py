@@ -141,9 +141,15 @@ def _prepare(job: JobSpec, noise: float) -> None:
     for split, source, caption_noise in ((CLEAN, "train", 0.0), (NOISY, "train", noise), (TEST, "test", 0.0)):
         prep = split_prep(job.prep, split)
         raw = prep.inputs[0].rsplit("/", 1)[0]
+        marker = Path(raw) / "caption_noise.json"
         if not any(Path(raw).glob("*.tar")):
             log.info("bench curate: writing the %s split (caption noise %.2f) to %s", split, caption_noise, raw)
             write_demo_corpus(raw, split=source, caption_noise=caption_noise)
+            marker.write_text(json.dumps({"caption_noise": caption_noise}))
+        written = json.loads(marker.read_text())["caption_noise"] if marker.exists() else caption_noise
+        if written != caption_noise:
+            raise SpecError(f"--noise {caption_noise}: {raw} was written with caption noise {written}; "
+                            "add --fresh to write it again")
         if not exists(Location.of(prep.output).child(MANIFEST)):
             log.info("bench curate: preparing %s into %s", split, prep.output)
             run_prep(prep, ray_address=job.run.ray_address)
