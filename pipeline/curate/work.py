@@ -226,7 +226,8 @@ class WriteWork(ShardWork):
         ranked = self._ranked(task) if spec.ranker is not None else None
         drops: Counter = Counter()
         samples_in = samples_out = 0
-        with atomic_write(task.output) as handle, atomic_write(task.provenance) as provenance_handle:
+        # The shard is moved into place first, then its provenance table, then the stats file.
+        with atomic_write(task.provenance) as provenance_handle, atomic_write(task.output) as handle:
             writer = pq.ParquetWriter(handle, self.schema, compression="zstd")
             provenance = ProvenanceWriter(provenance_handle)
             pending: list[tuple[dict, list[tuple[str, str, float | None]]]] = []

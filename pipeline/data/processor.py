@@ -79,7 +79,8 @@ class ShardProcessor:
         drops: Counter = Counter()
         info = ShardReadInfo()
         samples_in = samples_out = 0
-        with atomic_write(task.output) as handle, atomic_write(task.provenance) as provenance_handle:
+        # The shard is moved into place first, then its provenance table, then the stats file.
+        with atomic_write(task.provenance) as provenance_handle, atomic_write(task.output) as handle:
             writer = pq.ParquetWriter(handle, self.schema, compression="zstd")
             provenance = ProvenanceWriter(provenance_handle)
             pending: list[tuple[ScreenedSample, ProcessedImage]] = []
