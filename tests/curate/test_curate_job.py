@@ -48,8 +48,8 @@ def curate_section(prepared: str, output: str, checkpoints: dict, **select) -> d
     }}
 
 
-def shard_tables(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): pq.read_table(p).to_pandas().to_json().encode()
+def shard_tables(out: Path) -> dict[str, list[dict]]:
+    return {p.relative_to(out).as_posix(): pq.read_table(p).to_pylist()
             for p in sorted(out.glob("*.parquet")) + sorted((out / "provenance").glob("*.parquet"))}
 
 
@@ -169,19 +169,20 @@ def test_transformers_captioner_and_ranker_curate_from_and_to_s3(ray_2cpus, s3_e
         "storage": {"endpoint_url": s3_endpoint},
         "captioner": {"model": str(save_tiny_blip(tmp_path / "blip")), "captions": 2, "max_new_tokens": 4},
         "ranker": {"model": str(save_tiny_clip(tmp_path / "clip"))},
-        "select": {"keep": 1, "min_score": -0.05},
+        "select": {"keep": 1},
     }}
     result = run_curate(validate_spec(raw, JobSpec).curate)
     fs.invalidate_cache()
     assert result["totals"]["samples_in"] == manifest["totals"]["samples_out"]
-    assert set(result["drops"]) <= {"score_too_low"}
-    assert fs.exists("test-bucket/curated/manifest.json")
+    assert result["drops"] == {} and fs.exists("test-bucket/curated/manifest.json")
     with fs.open(result["shards"][0]["output"], "rb") as handle:
         table = pq.read_table(handle)
     assert set(table.column("caption_count").to_pylist()) == {1}
     with fs.open(result["shards"][0]["provenance"], "rb") as handle:
         rows = pq.read_table(handle).to_pylist()
-    assert all(c["score"] >= -0.05 for row in rows if row["status"] == "kept" for c in row["captions"] if c["kept"])
+    assert all(row["captions"][0]["origin"] == "web" and len(row["captions"]) > 1 for row in rows)
+    best = [max(rows[0]["captions"], key=lambda c: c["score"])]
+    assert [c for c in rows[0]["captions"] if c["kept"]] == best
 
 
 def test_the_curate_demo_job_runs_as_readme_shows(prepared_demo, checkpoints, tmp_path, capsys):
