@@ -217,7 +217,7 @@ class _Run:
             self.near_found = neardup.find_near_duplicates(
                 [task.work("hashes") for task in hashed], names, target, spec.near_duplicates,
                 partitions=execution.near_duplicate_partitions, driver_max_rows=execution.driver_max_rows)
-            log.info("curate: %d near-duplicate images", self.near_found)
+            log.info("curate: near-duplicate search done (%d records)", self.near_found)
         return [task for task in todo if task.name in set(names)]
 
     def phase(self, work: type[ShardWork], tasks: list[CurateTask], output: str | None,
@@ -310,6 +310,9 @@ def _manifest(plan: CuratePlan, run: _Run, wall_time: float) -> dict:
     samples_in = sum(s["samples_in"] for s in stats)
     samples_out = sum(s["samples_out"] for s in stats)
     cut_file = plan.output_dir.child(WORK_DIR, "score_cut.json")
+    previous = plan.output_dir.child(MANIFEST)
+    # Each phase's figures from the run that last did its work (a rerun may have none to do).
+    phases = {**(json.loads(read_bytes(previous)).get("phases", {}) if exists(previous) else {}), **run.phases}
     return {
         "spec": plan.spec.model_dump(mode="json"),
         "input": plan.input_manifest.url,
@@ -321,7 +324,7 @@ def _manifest(plan: CuratePlan, run: _Run, wall_time: float) -> dict:
                     "samples": s["samples_out"]} for s in stats],
         "failed_shards": sorted(run.failed, key=lambda f: f["name"]),
         "score_cut": json.loads(read_bytes(cut_file)) if exists(cut_file) else None,
-        "phases": run.phases,
+        "phases": phases,
         "run": {"wall_time_s": round(wall_time, 3), "shards_failed": len(run.failed)},
     }
 

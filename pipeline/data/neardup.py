@@ -52,7 +52,8 @@ def covered_shards(target: Location) -> set[str] | None:
 def find_near_duplicates(index: list[Location], shards: list[str], target: Location, spec: NearDupSpec,
                          *, partitions: int, driver_max_rows: int) -> int:
     """Search the hashes of ``index`` (files with ``HASH_FIELDS``) and write every later copy
-    under ``target``, then mark it done for ``shards``; returns the number of later copies."""
+    under ``target``, then mark it done for ``shards``; returns the records written (each later
+    copy once in the driver; on the distributed path once per band it is found in)."""
     fs, path = target.filesystem()
     if fs.exists(path):
         fs.rm(path, recursive=True)

@@ -191,7 +191,7 @@ def _deduplicate(plan: PrepPlan, workers: int) -> list[dict]:
         found = neardup.find_near_duplicates(
             [task.index for task in indexed], sorted(names), near_target, filters.near_duplicates,
             partitions=execution.dedup_partitions, driver_max_rows=execution.dedup_driver_max_rows)
-        log.info("prep: %d near-duplicate images", found)
+        log.info("prep: near-duplicate search done (%d records)", found)
     return failed
 
 

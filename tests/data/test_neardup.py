@@ -166,3 +166,24 @@ def test_the_blockwise_search_of_the_distributed_path_equals_the_driver_search(t
         driver.update(load_near_duplicates(target, shard))
     assert count == len(driver) > 20
     assert {key: of for key, (_, of) in blockwise.items()} == driver
+
+
+def test_the_distributed_search_on_ray_data_equals_the_driver_search(ray_2cpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    spec = NearDupSpec(enabled=True, threshold=6, flips=True)
+    table = index_table(300, seed=2)
+    flipped = [bytes(reversed(h)) for h in table.column("image_hash").to_pylist()]  # any second hash
+    table = table.set_column(4, "image_hash_flip", pa.array(flipped, pa.binary()))
+    paths = []
+    for part in range(3):
+        paths.append(Location.of(str(tmp_path / f"index{part}.parquet")))
+        pq.write_table(table.slice(part * 100, 100), paths[-1].url)
+    found = {}
+    for name, driver_max_rows in (("driver", 10_000), ("shuffle", 0)):
+        target = Location.of(str(tmp_path / name))
+        count = find_near_duplicates(paths, ["s0", "s1", "s2"], target, spec, partitions=4,
+                                     driver_max_rows=driver_max_rows)
+        found[name] = {k: v for shard in ("s0", "s1", "s2") for k, v in load_near_duplicates(target, shard).items()}
+        assert len(found[name]) > 20
+    assert found["shuffle"] == found["driver"]
