@@ -247,14 +247,15 @@ class _Run:
         return self.cut
 
 
-def _actors(actor: ActorSpec | None, count: int) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor) of a phase over ``count`` shards."""
+def _actors(actor: ActorSpec | None, workers: int | None, count: int) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) of a phase over ``count`` shards: a model's actor
+    spec, or for the CPU phases (``actor`` None) ``workers`` actors (None: one per CPU)."""
     import ray
 
     from pipeline.ray_runtime import cluster_cpus
 
     if actor is None:
-        return max(1, min(cluster_cpus(), count)), 1.0, 0.0
+        return max(1, min(workers or cluster_cpus(), count)), 1.0, 0.0
     if actor.actors is not None:
         size = actor.actors
     elif actor.num_gpus > 0:
@@ -273,7 +274,7 @@ def _run_phase(run: _Run, work: type[ShardWork], tasks: list[CurateTask], actor:
 
     if not tasks:
         return set()
-    actors, cpus, gpus = _actors(actor, len(tasks))
+    actors, cpus, gpus = _actors(actor, run.plan.spec.execution.workers, len(tasks))
     log.info("curate: %s: %d shards with %d actor(s) (%g CPU, %g GPU each)", work.phase, len(tasks), actors, cpus, gpus)
     dataset = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=len(tasks))
     results = dataset.map_batches(work, fn_constructor_kwargs=kwargs, batch_size=1,
