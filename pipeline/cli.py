@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     _verbose_argument(prep)
     prep.set_defaults(handler=_prep)
 
+    curate = commands.add_parser(
+        "curate", help="curate prepared shards: near duplicates, CapFilt captions, score filters (the curate section)")
+    _spec_arguments(curate)
+    curate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    curate.add_argument("--max-failed-shards", type=int, default=None, metavar="N",
+                        help="succeed with up to N failed shards (named; retried by the next run); "
+                             "sets curate.execution.max_failed_shards")
+    curate.set_defaults(handler=_curate)
+
     train = commands.add_parser("train", help="run (or resume) a staged pretraining job")
     _spec_arguments(train)
     _verbose_argument(train)
@@ -140,6 +149,16 @@ def _parser() -> argparse.ArgumentParser:
                                help="delete the benchmark's run folder first (else a finished run is reused)")
     _verbose_argument(bench_quality)
     bench_quality.set_defaults(handler=_bench_quality)
+    bench_curate = benches.add_parser(
+        "curate", help="CapFilt on a noisy demo corpus by its own model: filter precision/recall and accuracy gained")
+    bench_curate.add_argument("--spec", default="jobs/bench_curate.yaml", help="the benchmark's job spec")
+    bench_curate.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD.PATH=VALUE",
+                              help="override a spec field, e.g. --set stages.0.steps=100 (repeatable)")
+    bench_curate.add_argument("--noise", type=float, default=0.5,
+                              help="fraction of the training captions replaced by wrong ones (default 0.5)")
+    bench_curate.add_argument("--fresh", action="store_true",
+                              help="delete the benchmark's runs, noisy and curated corpora first (else reused)")
+    bench_curate.set_defaults(handler=_bench_curate)
     _export_command(commands)
     return parser
 
@@ -300,6 +319,27 @@ def _prep(args) -> int:
             say(f"{len(failed)} failed shards accepted (--max-failed-shards "
                 f"{spec.prep.execution.max_failed_shards}), retried by the next run: "
                 f"{describe_failures(failed)}")
+    return 0
+
+
+def _curate(args) -> int:
+    from pipeline.curate.run import run_curate
+
+    if args.max_failed_shards is not None:
+        args.overrides.append(f"curate.execution.max_failed_shards={args.max_failed_shards}")
+    spec = _load(args)
+    if spec.curate is None:
+        raise SpecError(f"{args.spec}: curate: this job spec has no curate section")
+    manifest = run_curate(spec.curate, ray_address=args.address)
+    totals = manifest["totals"]
+    phases = ", ".join(f"{name} {p['images_per_s_per_cpu']} images/s per CPU"
+                       for name, p in manifest["phases"].items() if p.get("images_per_s_per_cpu"))
+    print(f"curate done: {totals['samples_out']} of {totals['samples_in']} samples kept in {totals['shards']} "
+          f"shards; dropped {totals['dropped']} {manifest['drops']}; {phases or 'nothing left to do'}; "
+          f"manifest: {spec.curate.output}/manifest.json")
+    if manifest["failed_shards"]:
+        print(f"{len(manifest['failed_shards'])} failed shards accepted, retried by the next run: "
+              + "; ".join(f"{f['name']}: {f['error']}" for f in manifest["failed_shards"][:3]))
     return 0
 
 
@@ -472,6 +512,19 @@ def _export(args) -> int:
         print(f"exported in our own format to {result.out_dir}: load it with "
               "pipeline.export.load_exported (see its README.md)")
     return 0
+
+
+def _bench_curate(args) -> int:
+    from pipeline.bench.curate import run_curate_benchmark
+    from pipeline.eval.heldout import EvalError
+
+    if not 0 < args.noise < 1:
+        raise SpecError("--noise: must be between 0 and 1")
+    try:
+        results = run_curate_benchmark(args.spec, args.overrides, noise=args.noise, fresh=args.fresh)
+    except EvalError as err:  # the benchmark's own evaluation failed after training: exit 1, not 2
+        raise QformerError(str(err)) from None
+    return 0 if all(results["passed"].values()) else EXIT_FAILED
 
 
 def _bench_quality(args) -> int:

@@ -17,6 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.model",),
     ("pipeline.checkpoint",),
     ("pipeline.eval",),
+    ("pipeline.curate",),
     ("pipeline.train",),
     ("pipeline.export",),
     ("pipeline.bench", "pipeline.submit"),

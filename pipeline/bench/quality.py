@@ -78,7 +78,7 @@ def run_quality_benchmark(spec_path: str, overrides: list[str], *, fresh: bool =
     if fresh and run_dir.is_local and os.path.isdir(run_dir.url):
         log.info("bench quality: --fresh: removing %s", run_dir.url)
         shutil.rmtree(run_dir.url)
-    load = _LoadMonitor()
+    load = LoadMonitor()
     started = time.monotonic()
     ensure_ray(job.run.ray_address)
     _prepare_splits(job)
@@ -194,7 +194,7 @@ def _plot_curves(job: JobSpec, run_dir: Location, target: Location) -> str:
     return target.url
 
 
-class _LoadMonitor:
+class LoadMonitor:
     """Samples the machine's 1-minute load average while the benchmark runs (other work may
     share the machine; the report says how busy it was)."""
 

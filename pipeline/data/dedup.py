@@ -1,7 +1,8 @@
 """Exact duplicate removal across the whole corpus, on Ray Data, in bounded memory.
 
 1. Index: every shard writes (hash, corpus order, shard, key) for the samples that pass the
-   decode-free checks (``screen.py``).
+   decode-free checks (``screen.py``), and, when near duplicates are removed too, the perceptual
+   hashes of their images (``pipeline.data.neardup``) that pass the image header checks.
 2. Find later copies: the index rows are hash-partitioned so that all copies of one content
    land in one block; within a block, every row but the earliest of its hash is a duplicate.
    Duplicates are written as Parquet partitioned by shard, then marked complete.
@@ -25,14 +26,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline.data.drops import Drop
+from pipeline.data.images import ImageTransform
+from pipeline.data.neardup import HASH_FIELDS
+from pipeline.data.phash import ImageHasher
 from pipeline.data.screen import ShardReadInfo, content_hash, screen_shard
 from pipeline.data.shards import WORK_DIR, ShardTask, global_order
 from pipeline.io.storage import Location, atomic_write, exists, read_bytes, write_bytes_atomic
-from pipeline.spec.prep import FilterSpec
+from pipeline.spec.prep import PrepSpec
 
-INDEX_SCHEMA = pa.schema(
-    [("hash", pa.string()), ("order", pa.int64()), ("shard", pa.string()), ("key", pa.string())]
-)
+INDEX_SCHEMA = pa.schema([pa.field("hash", pa.string()), *HASH_FIELDS])
 _SUCCESS = "_SUCCESS"
 LATE_ORDER = 1 << 62
 """Added to the corpus order of a late shard's samples: after every shard's (ordinals < 2**30)."""
@@ -42,8 +45,9 @@ def duplicates_dir(output_dir: Location) -> Location:
     return output_dir.child(WORK_DIR, "duplicates")
 
 
-def index_shard(task: ShardTask, filters: FilterSpec, late: bool) -> int:
-    """Write the content-hash index of one shard; returns the number of indexed samples.
+def index_shard(task: ShardTask, spec: PrepSpec, late: bool) -> int:
+    """Write the content-hash (and perceptual-hash) index of one shard; returns the number of
+    indexed samples.
 
     Args:
         late: the duplicates were found before this shard could be read (see the module
@@ -52,6 +56,10 @@ def index_shard(task: ShardTask, filters: FilterSpec, late: bool) -> int:
     Raises:
         Exception: whatever stops the shard from being read; no index is written then.
     """
+    filters = spec.filters
+    near = filters.near_duplicates
+    images = ImageTransform(filters, spec.image)
+    hasher = ImageHasher(near) if near.enabled else None
     rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     offset = LATE_ORDER if late else 0
     for sample in screen_shard(task.source, filters, ShardReadInfo()):
@@ -61,9 +69,22 @@ def index_shard(task: ShardTask, filters: FilterSpec, late: bool) -> int:
         rows["order"].append(offset + global_order(task.ordinal, sample.raw.order))
         rows["shard"].append(task.name)
         rows["key"].append(sample.raw.key)
+        hashes = _image_hashes(images, hasher, sample.raw.image) if hasher else None
+        rows["image_hash"].append(hashes[0] if hashes else None)
+        rows["image_hash_flip"].append(hashes[1] if hashes else None)
     with atomic_write(task.index) as handle:
         pq.write_table(pa.table(rows, schema=INDEX_SCHEMA), handle)
     return len(rows["key"])
+
+
+def _image_hashes(images: ImageTransform, hasher: ImageHasher, data: bytes):
+    """The perceptual hashes of an image that passes the header checks (the image filters drop
+    the others: they must not make a kept copy a near duplicate), else None."""
+    image = images.open(data)
+    if isinstance(image, Drop):
+        return None
+    with image:
+        return hasher.hash_opened(image)
 
 
 def later_copies(block: pa.Table) -> pa.Table:

@@ -4,6 +4,10 @@ Each easy-VQA image shows one coloured shape; its question/answer pairs name the
 the shape, from which the caption "a {color} {shape}" is derived. Images for which the pairs do
 not name both are left out. Shards are WebDataset tars of ``{key}.jpg``, ``{key}.txt`` and
 ``{key}.json``, the layout img2dataset writes.
+
+With ``caption_noise``, that fraction of the captions is replaced by a wrong one (the same shape in
+another colour, or the same colour on another shape), as web captions are often wrong; the JSON
+keeps the true colour and shape and says which captions are wrong (``caption_is_wrong``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from pipeline.assets import AssetError
@@ -53,8 +58,16 @@ def derive_captions(questions: list[list]) -> dict[int, tuple[str, str]]:
     return {i: (colors[i], shapes[i]) for i in sorted(colors.keys() & shapes.keys())}
 
 
+def wrong_caption(color: str, shape: str, rng: np.random.Generator) -> tuple[str, str]:
+    """Another (colour, shape): either the colour or the shape changed, each half the time."""
+    if rng.random() < 0.5:
+        return str(rng.choice([c for c in COLORS if c != color])), shape
+    return color, str(rng.choice([s for s in SHAPES if s != shape]))
+
+
 def write_demo_corpus(
-    out: str, samples: int | None = None, shard_size: int = 500, split: str = "train"
+    out: str, samples: int | None = None, shard_size: int = 500, split: str = "train",
+    caption_noise: float = 0.0, noise_seed: int = 0,
 ) -> list[str]:
     """Write the corpus as ``out/{00000..}.tar``; returns the shard URLs written.
 
@@ -63,7 +76,12 @@ def write_demo_corpus(
         samples: how many samples (default: every usable image of the split).
         shard_size: samples per shard.
         split: ``train`` (about 2,800 usable images) or ``test`` (about 700).
+        caption_noise: fraction of the captions replaced by a wrong one (each image's draw
+            seeded by ``noise_seed`` and its id).
+        noise_seed: seeds which captions are wrong, and how.
     """
+    if not 0.0 <= caption_noise <= 1.0:
+        raise ValueError(f"caption_noise must be in [0, 1], not {caption_noise}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     data = easy_vqa_dir() / split
@@ -79,9 +97,14 @@ def write_demo_corpus(
             for image_id in ids[start : start + shard_size]:
                 color, shape = captions[image_id]
                 key = f"{split}{image_id:09d}"
+                rng = np.random.default_rng([noise_seed, image_id])
+                wrong = bool(rng.random() < caption_noise)
+                said_color, said_shape = wrong_caption(color, shape, rng) if wrong else (color, shape)
                 _add(archive, f"{key}.jpg", _as_jpeg(data / "images" / f"{image_id}.png"))
-                _add(archive, f"{key}.txt", f"a {color} {shape}".encode())
+                _add(archive, f"{key}.txt", f"a {said_color} {said_shape}".encode())
                 meta = {"image_id": image_id, "split": split, "color": color, "shape": shape}
+                if caption_noise:
+                    meta["caption_is_wrong"] = wrong
                 _add(archive, f"{key}.json", json.dumps(meta).encode())
         written.append(target.url)
         log.info("demo-corpus: wrote %s", target.url)

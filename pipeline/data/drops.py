@@ -1,4 +1,5 @@
-"""Why a sample was dropped. Every drop is counted under one of these reasons."""
+"""Why a sample was dropped (by ``qformer prep`` or ``qformer curate``). Every drop is counted
+under one of these reasons."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class Drop(str, Enum):
     CAPTION_BLOCKLISTED = "caption_blocklisted"
     DUPLICATE = "duplicate"
     """Same content (image, or image + caption) as an earlier sample of the corpus."""
+    NEAR_DUPLICATE = "near_duplicate"
+    """An image within the perceptual-hash threshold of an earlier sample's (resized, re-encoded,
+    slightly cropped, or flipped when flips count)."""
     IMAGE_EMPTY = "image_empty"
     IMAGE_FORMAT_NOT_ALLOWED = "image_format_not_allowed"
     """An image in a format outside ``filters.image_formats`` (identified by its magic bytes)."""
@@ -42,6 +46,10 @@ class Drop(str, Enum):
     IMAGE_TOO_MANY_PIXELS = "image_too_many_pixels"
     IMAGE_TOO_SMALL = "image_too_small"
     IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+    SCORE_TOO_LOW = "score_too_low"
+    """Curation: no caption of the image scores ``select.min_score``."""
+    SCORE_NOT_IN_TOP_FRACTION = "score_not_in_top_fraction"
+    """Curation: the image's best score is below the corpus's ``select.top_fraction`` cut."""
 
 
 def merge_counts(*counts: dict[str, int]) -> dict[str, int]:

@@ -31,8 +31,9 @@ class ImageTransform:
         self.filters = filters
         self.spec = spec
 
-    def process(self, data: bytes) -> ProcessedImage | Drop:
-        """The processed image, or the reason the sample is dropped.
+    def open(self, data: bytes) -> Image.Image | Drop:
+        """The image, opened (its header only) and checked against the filters, or the reason
+        the sample is dropped.
 
         Only the plugins of ``filters.image_formats`` parse the bytes. Whatever a plugin raises
         on a malformed file (Pillow's plugins raise many exception types) drops the sample as
@@ -46,10 +47,15 @@ class ImageTransform:
             return self._unidentified(data)
         except Exception:
             return Drop.IMAGE_CORRUPT
+        drop = self._check_geometry(*image.size)
+        return image if drop is None else drop
+
+    def process(self, data: bytes) -> ProcessedImage | Drop:
+        """The processed image, or the reason the sample is dropped (see :meth:`open`)."""
+        image = self.open(data)
+        if isinstance(image, Drop):
+            return image
         width, height = image.size
-        drop = self._check_geometry(width, height)
-        if drop is not None:
-            return drop
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -1,7 +1,7 @@
 """``qformer prep``: raw WebDataset shards to training-ready Parquet shards, on Ray Data.
 
-Three phases, each resumable on its own: index content hashes (only when dedup is on), find
-duplicates across the corpus, then process shards. A shard whose stats file exists is complete
+Three phases, each resumable on its own: index content (and perceptual) hashes (only when exact
+or near-duplicate removal is on), find duplicates across the corpus, then process shards. A shard whose stats file exists is complete
 and skipped, so a killed run, run again, ends with exactly the output of an uninterrupted run.
 A shard that fails (in either phase) is named and left incomplete; one run at a time writes an
 output folder (its lease).
@@ -19,11 +19,11 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from pipeline.console import console
-from pipeline.data import dedup
+from pipeline.data import dedup, neardup
 from pipeline.data.drops import merge_counts
 from pipeline.data.prepared import MANIFEST
 from pipeline.data.processor import ShardProcessor
-from pipeline.data.shards import WORK_DIR, ShardTask, plan_tasks, shard_failure
+from pipeline.data.shards import WORK_DIR, ShardTask, near_duplicates_dir, plan_tasks, shard_failure
 from pipeline.data.tokenize import CaptionTokenizer
 from pipeline.errors import QformerError, UsageError
 from pipeline.io.lease import hold_lease
@@ -147,7 +147,7 @@ def run_prep(spec: PrepSpec, ray_address: str | None = None) -> dict:
             len(plan.tasks), len(plan.tasks) - len(todo), len(todo), workers,
         )
         failed: list[dict] = []
-        if todo and spec.filters.dedup != "none":
+        if todo and (spec.filters.dedup != "none" or spec.filters.near_duplicates.enabled):
             failed = _deduplicate(plan, workers)
             unindexed = {failure["name"] for failure in failed}
             todo = [task for task in todo if task.name not in unindexed]
@@ -173,18 +173,26 @@ def describe_failures(failed: list[dict], most: int = 3) -> str:
 
 
 def _deduplicate(plan: PrepPlan, workers: int) -> list[dict]:
-    """Index every shard not yet indexed and find the duplicates among the indexed shards, if
-    not found among exactly these before; returns the shards that could not be indexed."""
-    covered = dedup.covered_shards(plan.output_dir)
-    failed = _index_corpus(plan, workers, late=covered is not None)
+    """Index every shard not yet indexed and find the exact and near duplicates among the
+    indexed shards, if not found among exactly these before; returns the shards that could not
+    be indexed."""
+    filters, execution = plan.spec.filters, plan.spec.execution
+    exact = dedup.covered_shards(plan.output_dir) if filters.dedup != "none" else None
+    near_target = near_duplicates_dir(plan.output_dir)
+    near = neardup.covered_shards(near_target) if filters.near_duplicates.enabled else None
+    failed = _index_corpus(plan, workers, late=exact is not None or near is not None)
     unindexed = {failure["name"] for failure in failed}
     indexed = [task for task in plan.tasks if task.name not in unindexed]
-    if covered != {task.name for task in indexed}:
+    names = {task.name for task in indexed}
+    if filters.dedup != "none" and exact != names:
         log.info("prep: finding duplicates across the corpus")
-        execution = plan.spec.execution
-        dedup.find_duplicates(
-            indexed, plan.output_dir, execution.dedup_partitions, execution.dedup_driver_max_rows
-        )
+        dedup.find_duplicates(indexed, plan.output_dir, execution.dedup_partitions, execution.dedup_driver_max_rows)
+    if filters.near_duplicates.enabled and near != names:
+        log.info("prep: finding near-duplicate images across the corpus")
+        found = neardup.find_near_duplicates(
+            [task.index for task in indexed], sorted(names), near_target, filters.near_duplicates,
+            partitions=execution.dedup_partitions, driver_max_rows=execution.dedup_driver_max_rows)
+        log.info("prep: near-duplicate search done (%d records)", found)
     return failed
 
 
@@ -198,14 +206,14 @@ def _index_corpus(plan: PrepPlan, workers: int, late: bool) -> list[dict]:
     if not todo:
         return []
     log.info("prep: indexing content hashes of %d shards", len(todo))
-    filters = plan.spec.filters
+    spec = plan.spec
 
     def index_batch(batch: dict) -> dict:
         results = []
         for text in batch["task"]:
             task = ShardTask.from_json(text)
             try:
-                dedup.index_shard(task, filters, late)
+                dedup.index_shard(task, spec, late)
                 results.append("")
             except Exception as err:
                 results.append(json.dumps(shard_failure(task, "index", err)))

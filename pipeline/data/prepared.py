@@ -1,9 +1,15 @@
 """The prepared-shard contract: what ``qformer prep`` writes and training, evaluation and the
 benchmarks read. Its column names, its manifest and its token columns live here and nowhere else.
 
-A prep output folder holds, per input shard ``NAME``, ``NAME.parquet`` (one row per kept
-sample) and ``NAME.stats.json``, and for the whole run ``manifest.json`` (spec, tokenizers,
-totals, drops by reason, the shards in corpus order).
+A prep (or curate) output folder holds, per input shard ``NAME``, ``NAME.parquet`` (one row per
+kept sample), ``provenance/NAME.parquet`` (one row per input sample: kept, or why not) and
+``NAME.stats.json``, and for the whole run ``manifest.json`` (spec, tokenizers, totals, drops by
+reason, the shards in corpus order).
+
+Curated shards (``qformer curate``) may hold several captions per image: the single-caption
+columns then carry the best one (so evaluation reads curated shards like any others), and the
+``captions`` list columns every kept caption with its tokens; training draws one per sample at
+each step. Prep's single-caption shards stay valid training input unchanged.
 
 Why Parquet rather than WebDataset tars: training reads these shards itself
 (``pipeline.train.loader``), one row group at a time through byte-range reads, and columnar
@@ -34,6 +40,23 @@ MANIFEST = "manifest.json"
 KEY, SOURCE, CAPTION, IMAGE = "key", "source", "caption", "image"
 """Columns every prepared shard has: the sample key, its input shard, the clean caption and the
 prepared JPEG."""
+SAMPLE_FIELDS = (
+    pa.field(KEY, pa.string()),
+    pa.field(SOURCE, pa.string()),
+    pa.field(CAPTION, pa.string()),
+    pa.field(IMAGE, pa.binary()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("metadata", pa.string()),
+)
+"""The columns of a prepared shard besides its tokens (``metadata``: the input's JSON)."""
+
+CAPTIONS, CAPTION_ORIGINS, CAPTION_SCORES, CAPTION_COUNT = (
+    "captions", "caption_origins", "caption_scores", "caption_count")
+"""Multi-caption columns of curated shards: every kept caption (best first), where each came from
+(``web`` or ``synthetic``), its ranking score, and how many there are."""
+WEB, SYNTHETIC = "web", "synthetic"
+"""Caption origins: the sample's own (web) caption, or one a captioning model wrote."""
 
 TextKind = Literal["qformer", "llm"]
 """Whose tokens: the Q-Former's BERT WordPiece ids, or the frozen LLM's."""
@@ -51,6 +74,14 @@ MODEL_INPUTS: dict[TextKind, tuple[str, str]] = {
 """The model's keyword arguments the (ids, mask) columns of each text kind become."""
 
 
+MULTI_TOKEN_COLUMNS: dict[TextKind, tuple[str, str]] = {
+    "qformer": ("qformer_captions_input_ids", "qformer_captions_attention_mask"),
+    "llm": ("llm_captions_input_ids", "llm_captions_attention_mask"),
+}
+"""The (ids, mask) columns of every kept caption of a curated shard: lists (one entry per caption)
+of fixed-size token lists."""
+
+
 def text_kind(objective: Objective) -> TextKind:
     """The tokens a model of ``objective`` reads: the Q-Former's (1) or the LLM's (2)."""
     return "qformer" if objective == 1 else "llm"
@@ -58,21 +89,80 @@ def text_kind(objective: Objective) -> TextKind:
 
 def output_schema(qformer_length: int, llm_length: int | None) -> pa.Schema:
     """Schema of a prepared shard for the configured token lengths."""
-    fields = [
-        pa.field(KEY, pa.string()),
-        pa.field(SOURCE, pa.string()),
-        pa.field(CAPTION, pa.string()),
-        pa.field(IMAGE, pa.binary()),
-        pa.field("original_width", pa.int32()),
-        pa.field("original_height", pa.int32()),
-        pa.field("metadata", pa.string()),
-    ]
+    fields = list(SAMPLE_FIELDS)
     lengths: dict[TextKind, int | None] = {"qformer": qformer_length, "llm": llm_length}
     for kind, length in lengths.items():
         if length is not None:
             ids, mask = TOKEN_COLUMNS[kind]
             fields += [pa.field(ids, pa.list_(pa.int32(), length)), pa.field(mask, pa.list_(pa.int8(), length))]
     return pa.schema(fields)
+
+
+def curated_schema(qformer_length: int, llm_length: int | None) -> pa.Schema:
+    """Schema of a curated shard: a prepared shard's columns (the best caption) plus every kept
+    caption, its origin, score and tokens."""
+    fields = list(output_schema(qformer_length, llm_length))
+    fields += [pa.field(CAPTIONS, pa.list_(pa.string())), pa.field(CAPTION_ORIGINS, pa.list_(pa.string())),
+               pa.field(CAPTION_SCORES, pa.list_(pa.float32())), pa.field(CAPTION_COUNT, pa.int32())]
+    lengths: dict[TextKind, int | None] = {"qformer": qformer_length, "llm": llm_length}
+    for kind, length in lengths.items():
+        if length is not None:
+            ids, mask = MULTI_TOKEN_COLUMNS[kind]
+            fields += [pa.field(ids, pa.list_(pa.list_(pa.int32(), length))),
+                       pa.field(mask, pa.list_(pa.list_(pa.int8(), length)))]
+    return pa.schema(fields)
+
+
+def has_multiple_captions(schema: pa.Schema, kind: TextKind) -> bool:
+    """Whether shards of ``schema`` hold every kept caption's tokens of ``kind`` (curated shards)."""
+    return all(name in schema.names for name in MULTI_TOKEN_COLUMNS[kind])
+
+
+def pick_captions(rows: pa.Table, kind: TextKind, draws: np.ndarray) -> pa.Table:
+    """``rows`` of a curated shard with the single-caption token columns of ``kind`` replaced by
+    caption ``draws[i] % count`` of each row (``draws``: (N,) non-negative integers)."""
+    for multi, single in zip(MULTI_TOKEN_COLUMNS[kind], TOKEN_COLUMNS[kind]):
+        lists = rows.column(multi).combine_chunks()  # N lists of (L,) token lists
+        offsets = lists.offsets.to_numpy()  # (N + 1,) into lists.values, which ignores slicing
+        counts = np.diff(offsets)  # (N,)
+        if (counts < 1).any():
+            raise ValueError(f"{multi}: a curated row holds no caption")
+        chosen = offsets[:-1] + draws % counts  # (N,)
+        rows = _set_column(rows, single, lists.values.take(pa.array(chosen)))
+    return rows
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+PROVENANCE_DIR = "provenance"
+"""Folder of the per-sample status tables, in a prep or curate output folder."""
+KEPT = "kept"
+"""The status of a sample that is in the output shard; any other status is a drop reason."""
+CAPTION_CANDIDATE = pa.struct([("text", pa.string()), ("origin", pa.string()), ("score", pa.float32()),
+                               ("kept", pa.bool_())])
+PROVENANCE_SCHEMA = pa.schema([
+    pa.field(KEY, pa.string()),
+    pa.field(SOURCE, pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("duplicate_of", pa.string()),
+    pa.field("content_hash", pa.string()),
+    pa.field("image_hash", pa.string()),
+    pa.field("best_score", pa.float32()),
+    pa.field("captions", pa.list_(CAPTION_CANDIDATE)),
+])
+"""One row per input sample: its key and input shard, ``kept`` or the drop reason, the sample it
+duplicates (exactly: ``duplicate``, perceptually: ``near_duplicate``), its content hash and
+perceptual hash (hex), its best ranking score, and every candidate caption with where it came
+from, its score and whether it was kept."""
+
+
+def provenance_location(output_dir: Location, shard_name: str) -> Location:
+    """The provenance table of the output shard ``shard_name``."""
+    return output_dir.child(PROVENANCE_DIR, shard_name + ".parquet")
 
 
 def fixed_list(values: np.ndarray, length: int, value_type: pa.DataType) -> pa.FixedSizeListArray:

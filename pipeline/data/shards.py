@@ -11,6 +11,8 @@ Output layout (``OUT`` is the spec's output folder)::
     OUT/_work/index/{name}.parquet   content hashes for corpus-wide dedup
     OUT/_work/duplicates/     (shard, key) of every later copy; _SUCCESS (the shards it covers)
                               when complete
+    OUT/_work/near_duplicates/  the same for near-duplicate images (pipeline.data.neardup)
+    OUT/provenance/{name}.parquet  every input sample of shard {name}: kept, or why not
 
 A shard that fails (it cannot be read, storage errors outlast their retries) gets no stats file:
 it is not complete, the run names it, and the next run tries it again.
@@ -24,6 +26,7 @@ import re
 import traceback
 from dataclasses import asdict, dataclass
 
+from pipeline.data.prepared import provenance_location
 from pipeline.io.redact import redact_text, redact_url
 from pipeline.io.storage import Location
 
@@ -51,6 +54,10 @@ class ShardTask:
         return self.output_dir.child(self.name + STATS_SUFFIX)
 
     @property
+    def provenance(self) -> Location:
+        return provenance_location(self.output_dir, self.name)
+
+    @property
     def index(self) -> Location:
         return self.output_dir.child(WORK_DIR, "index", self.name + SHARD_SUFFIX)
 
@@ -67,6 +74,11 @@ class ShardTask:
             source=Location(**task["source"]),
             output_dir=Location(**task["output_dir"]),
         )
+
+
+def near_duplicates_dir(output_dir: Location) -> Location:
+    """Where the near-duplicate images of a prep (or curate) run are recorded."""
+    return output_dir.child(WORK_DIR, "near_duplicates")
 
 
 def plan_tasks(sources: list[Location], output_dir: Location) -> list[ShardTask]:

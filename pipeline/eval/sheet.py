@@ -22,7 +22,10 @@ h1{font-size:20px} .meta{color:#555;font-size:13px;margin-bottom:14px}
 
 
 def example_lines(example: dict) -> list[tuple[str, bool | None]]:
-    """The text lines of one example and whether each is right (None: neutral)."""
+    """The text lines of one example and whether each is right (None: neutral); an example may
+    bring its own (``"lines"``: ``[(text, right), ...]``)."""
+    if "lines" in example:
+        return [(text, ok) for text, ok in example["lines"]]
     lines: list[tuple[str, bool | None]] = [(f"ref: {example['caption']}", None)]
     for rank, hit in enumerate(example.get("retrieved", []), 1):
         lines.append((f"#{rank} {hit['caption']} ({hit['score']:.2f})", hit["correct"]))

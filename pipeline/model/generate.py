@@ -3,15 +3,18 @@
 As in BLIP-2 (LAVIS ``blip2_opt.generate``): the projected query outputs come first, then the
 LLM's own leading special tokens and an optional text prompt, exactly as the training captions
 were tokenized (``pipeline.data.tokenize``); the LLM continues greedily or with beam search until
-its end-of-text token. Decoding runs through transformers' ``generate(inputs_embeds=...)``.
+its end-of-text token, or samples several captions per image (nucleus sampling, as BLIP's
+CapFilt). Decoding runs through transformers' ``generate(inputs_embeds=...)``.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from pipeline.model.blip2 import Blip2Pretrainer
 
@@ -26,18 +29,90 @@ class DecodingSpec:
         prompt: Text placed after the visual prompt (``""`` for none, as the stage-2 training
             captions of this pipeline have none).
         length_penalty: Beam search score exponent on the length (1.0: mean log-probability).
+        do_sample: Sample the tokens (nucleus sampling) instead of searching for the likeliest.
+        top_p: Sampling: draw among the likeliest tokens holding this much probability.
+        temperature: Sampling: softmax temperature.
+        num_return_sequences: Captions per image.
     """
 
     num_beams: int = 1
     max_new_tokens: int = 30
     prompt: str = ""
     length_penalty: float = 1.0
+    do_sample: bool = False
+    top_p: float = 1.0
+    temperature: float = 1.0
+    num_return_sequences: int = 1
 
     def __post_init__(self):
-        if self.num_beams < 1 or self.max_new_tokens < 1:
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.num_return_sequences < 1:
             raise ValueError(
-                f"num_beams and max_new_tokens must be >= 1, got {self.num_beams}, {self.max_new_tokens}"
+                f"num_beams, max_new_tokens and num_return_sequences must be >= 1, got {self.num_beams}, "
+                f"{self.max_new_tokens}, {self.num_return_sequences}"
             )
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise ValueError(f"need 0 < top_p <= 1 and temperature > 0, got {self.top_p}, {self.temperature}")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError("num_return_sequences > num_beams needs do_sample")
+
+    def generate_kwargs(self, seeds: Sequence[int] | None = None) -> dict:
+        """The matching keyword arguments of transformers' ``generate``.
+
+        Args:
+            seeds: When sampling, one seed per input row: the inputs must then be repeated
+                ``num_return_sequences`` times (row-major, see :func:`sampled_rows`), and each
+                row is sampled by :class:`SeededNucleusSampling` from its own seed.
+        """
+        kwargs = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
+                  "length_penalty": self.length_penalty, "do_sample": self.do_sample,
+                  "num_return_sequences": self.num_return_sequences}
+        if self.do_sample and seeds is not None:
+            kwargs.update(do_sample=False, num_return_sequences=1, logits_processor=LogitsProcessorList(
+                [SeededNucleusSampling(sampled_rows(seeds, self.num_return_sequences), self.top_p, self.temperature)]))
+        elif self.do_sample:
+            kwargs.update(top_p=self.top_p, temperature=self.temperature, top_k=0)
+        return kwargs
+
+
+def sampled_rows(seeds: Sequence[int], per_seed: int) -> list[int]:
+    """The seeds of ``per_seed`` sampled sequences of each input seed, input by input."""
+    return [_hash_int(f"{seed}/{k}") for seed in seeds for k in range(per_seed)]
+
+
+def _hash_int(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class SeededNucleusSampling(LogitsProcessor):
+    """Nucleus (top-p) sampling in which the token of row ``r`` at each step depends only on
+    ``seeds[r]``, the step and the row's own distribution: the scores it returns are ``-inf``
+    everywhere but at the sampled token, which greedy decoding then takes. A batch decodes each
+    row as it would alone, whatever else is in the batch (torch's global generator would not).
+
+    Args:
+        seeds: One seed per row of the batch ``generate`` decodes.
+        top_p: Sample among the likeliest tokens holding this much probability.
+        temperature: Softmax temperature.
+    """
+
+    def __init__(self, seeds: Sequence[int], top_p: float, temperature: float):
+        self.seeds, self.top_p, self.temperature = list(seeds), top_p, temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.seeds):
+            raise ValueError(f"{scores.shape[0]} rows to sample, {len(self.seeds)} seeds")
+        step = input_ids.shape[1]
+        draws = torch.tensor([_hash_int(f"{seed}@{step}") / 2.0**64 for seed in self.seeds],
+                             dtype=torch.float64, device=scores.device)  # (R,) uniform in [0, 1)
+        probs = torch.softmax(scores.double() / self.temperature, dim=-1)  # (R, V)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (R, V)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (R, V) mass of the likelier tokens
+        nucleus = torch.where(before < self.top_p, sorted_probs, 0.0)  # (R, V), first token always in
+        cumulative = nucleus.cumsum(dim=-1)  # (R, V)
+        target = draws[:, None] * cumulative[:, -1:]  # (R, 1)
+        pick = (cumulative <= target).sum(dim=-1, keepdim=True).clamp(max=scores.shape[-1] - 1)  # (R, 1)
+        token = order.gather(-1, pick)  # (R, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
 
 
 def prefix_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -57,6 +132,7 @@ def generate_captions(
     decoding: DecodingSpec = DecodingSpec(),
     *,
     synced_gpus: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Caption a batch of images.
 
@@ -64,12 +140,16 @@ def generate_captions(
         model: A stage-2 model (``Blip2Pretrainer(spec, stage=2)`` with trained weights loaded).
         tokenizer: The LLM's tokenizer (``pipeline.model.build_llm_tokenizer``).
         pixel_values: (B, 3, H, W) images normalised as in training.
-        decoding: Greedy or beam search, length limit and prompt.
+        decoding: Greedy, beam search or sampling, length limit and prompt.
         synced_gpus: Keep decoding until every rank is done (needed when the model's parameters
             are partitioned across ranks, as under DeepSpeed ZeRO-3).
+        seeds: When sampling, one seed per image: an image's captions then depend on its seed
+            alone, not on the batch (see :class:`SeededNucleusSampling`). None samples with
+            torch's global generator.
 
     Returns:
-        The B captions, special tokens removed and whitespace stripped.
+        ``B * num_return_sequences`` captions, image by image, special tokens removed and
+        whitespace stripped.
     """
     if model.objective != 2:
         raise ValueError("caption generation needs a model of objective 2 (one with the LLM)")
@@ -80,16 +160,19 @@ def generate_captions(
     inputs_embeds = torch.cat(
         [visual, prefix_embeds.unsqueeze(0).expand(batch, -1, -1)], dim=1
     )  # (B, Q + P, D_llm)
-    attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)  # (B, Q + P)
+
+    rows = inputs_embeds
+    if seeds is not None:
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} images")
+        if decoding.do_sample:
+            rows = inputs_embeds.repeat_interleave(decoding.num_return_sequences, dim=0)  # (B * K, Q + P, D_llm)
     output = model.language_model.generate(
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        do_sample=False,
-        num_beams=decoding.num_beams,
-        max_new_tokens=decoding.max_new_tokens,
-        length_penalty=decoding.length_penalty,
+        inputs_embeds=rows,
+        attention_mask=torch.ones(rows.shape[:2], dtype=torch.long, device=device),  # (B * K, Q + P)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         synced_gpus=synced_gpus,
-    )  # (B, T_new): with inputs_embeds only, decoder-only models return just the new tokens
+        **decoding.generate_kwargs(seeds),
+    )  # (B * K, T_new): with inputs_embeds only, decoder-only models return just the new tokens
     return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]

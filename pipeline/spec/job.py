@@ -5,17 +5,20 @@ from __future__ import annotations
 from pydantic import model_validator
 
 from pipeline.spec.base import SpecModel
+from pipeline.spec.curate import CurateSpec
 from pipeline.spec.model import ModelSpec
 from pipeline.spec.prep import PrepSpec
 from pipeline.spec.train import DataSpec, DeepSpeedSpec, RunSpec, ScalingSpec, StageSpec
 
 
 class JobSpec(SpecModel):
-    """A job YAML. ``qformer prep`` runs its ``prep`` section; ``qformer train`` its run, scaling,
-    model, data, deepspeed and stages sections."""
+    """A job YAML. ``qformer prep`` runs its ``prep`` section; ``qformer curate`` its ``curate``
+    section; ``qformer train`` its run, scaling, model, data, deepspeed and stages sections."""
 
     prep: PrepSpec | None = None
     """The preprocessing job."""
+    curate: CurateSpec | None = None
+    """The curation job (prepared shards in, curated prepared shards out)."""
     run: RunSpec | None = None
     """Name and storage of a training run."""
     scaling: ScalingSpec = ScalingSpec()
@@ -36,8 +39,8 @@ class JobSpec(SpecModel):
     @model_validator(mode="after")
     def _sections(self) -> "JobSpec":
         training = [self.run is not None, self.data is not None, bool(self.stages)]
-        if self.prep is None and not any(training):
-            raise ValueError("a job spec needs a prep section or a training job (run, data, stages)")
+        if self.prep is None and self.curate is None and not any(training):
+            raise ValueError("a job spec needs a prep section, a curate section or a training job (run, data, stages)")
         if any(training) and not all(training):
             missing = [n for n, present in zip(("run", "data", "stages"), training) if not present]
             raise ValueError(f"a training job needs run, data and stages; missing: {', '.join(missing)}")

@@ -11,6 +11,46 @@ from pipeline.spec.base import SpecModel
 from pipeline.spec.storage import StorageSpec
 
 
+class NearDupSpec(SpecModel):
+    """Near-duplicate images across the whole corpus, by perceptual hash (``pipeline.data.phash``):
+    two images whose hashes differ in at most ``threshold`` bits are near duplicates, and of each
+    such pair the later one in corpus order is dropped as ``near_duplicate``."""
+
+    enabled: bool = False
+    """Look for near duplicates at all."""
+    algorithm: Literal["dct_simhash", "phash"] = "dct_simhash"
+    """``dct_simhash``: the signs of fixed random projections of the image's low-frequency colour
+    DCT block, so that the Hamming distance follows the angle between the two blurred colour
+    thumbnails. ``phash``: the classic 64-bit greyscale pHash (DCT block against its median, as
+    imagehash computes it), whose median makes many bits coin flips on images with large flat
+    areas (graphics, products on plain backgrounds)."""
+    bits: int = Field(64, ge=64, le=256, multiple_of=64)
+    """Hash length (``phash``: 64 only). Longer hashes measure the distance more finely."""
+    threshold: int = Field(8, ge=0)
+    """Most differing bits of two near duplicates."""
+    bands: int | None = Field(None, ge=1)
+    """LSH bands: only pairs that agree on a whole band are compared. None: ``threshold + 1``,
+    which finds every pair within the threshold (pigeonhole); fewer bands compare fewer pairs
+    (faster on huge corpora) and miss some."""
+    flips: bool = False
+    """A horizontally flipped copy of an image is a near duplicate too."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "NearDupSpec":
+        if self.algorithm == "phash" and self.bits != 64:
+            raise ValueError("bits: the phash algorithm makes 64-bit hashes")
+        if self.threshold >= self.bits // 2:
+            raise ValueError(f"threshold: {self.threshold} of {self.bits} bits would match unrelated images")
+        if self.bands is not None and self.bands > self.bits:
+            raise ValueError(f"bands: at most bits ({self.bits})")
+        return self
+
+    @property
+    def band_count(self) -> int:
+        """The bands the LSH search uses."""
+        return self.bands if self.bands is not None else min(self.threshold + 1, self.bits)
+
+
 class FilterSpec(SpecModel):
     """Which samples to keep. Every dropped sample is counted under its reason."""
 
@@ -33,6 +73,9 @@ class FilterSpec(SpecModel):
     dedup: Literal["none", "image", "image_caption"] = "image"
     """Exact-duplicate removal across the whole corpus, by image bytes or image bytes + caption.
     The first copy in corpus order (input order, then member order) is kept."""
+    near_duplicates: NearDupSpec = NearDupSpec()
+    """Near-duplicate images (resized, re-encoded, slightly cropped copies) across the corpus,
+    after the exact dedup; the first in corpus order is kept."""
     image_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP"], min_length=1)
     """Pillow formats an image may be in, whatever its member's extension says (a TIFF named
     ``.jpg`` is a TIFF); other images are dropped as ``image_format_not_allowed`` without being

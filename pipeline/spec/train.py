@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.spec.base import SpecModel
+from pipeline.spec.curate import CurateSpec
 from pipeline.spec.losses import LossName, Objective, objective_of
 from pipeline.spec.prep import PrepSpec
 from pipeline.spec.storage import StorageSpec
@@ -79,6 +80,10 @@ class DataSpec(SpecModel):
     raw: PrepSpec | None = None
     """A prep section: ``qformer train`` first prepares these raw shards into the run's storage
     (``RUN/prepared``; complete shards are skipped on resume), then trains on them."""
+    curate: CurateSpec | None = None
+    """A curate section without ``input`` and ``output``: ``qformer train`` curates the prepared
+    data (``prepared``, or ``RUN/prepared``) into ``RUN/curated`` (complete shards are skipped on
+    resume), then trains on the curated shards."""
     storage: StorageSpec = StorageSpec()
     """Endpoint options for ``s3://`` prepared data."""
     decode_threads: int = Field(2, ge=1)
@@ -90,6 +95,8 @@ class DataSpec(SpecModel):
     def _one_source(self) -> "DataSpec":
         if (self.prepared is None) == (self.raw is None):
             raise ValueError("give exactly one of prepared (a prep output folder) or raw (a prep section)")
+        if self.curate is not None and (self.curate.input is not None or self.curate.output is not None):
+            raise ValueError("curate: leave out input and output: training curates its own data into RUN/curated")
         return self
 
 

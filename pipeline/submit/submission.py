@@ -76,7 +76,7 @@ def submit(request: SubmitRequest, out: TextIO | None = None, err: TextIO | None
     spec = load_spec(request.spec_path, JobSpec, request.overrides)
     env_vars = parse_env(request.env)
     source = resolve_working_dir(request.working_dir)
-    command = "train" if spec.is_training else "prep"
+    command = "train" if spec.is_training else "prep" if spec.prep is not None else "curate"
     name = run_name(spec)
     spec_yaml = resolved_spec_yaml(spec)
     for warning in relative_path_warnings(spec):
@@ -123,14 +123,16 @@ def run_folder(spec: JobSpec) -> str:
 
 
 def run_name(spec: JobSpec) -> str:
-    """``run.name``; for a prep-only spec, ``prep-<last folders of the output>-<hash>``."""
+    """``run.name``; for a prep (or curate) spec, ``prep-<last folders of the output>-<hash>``
+    (``curate-...``)."""
     if spec.is_training:
         return spec.run.name
-    output = spec.prep.output.rstrip("/")
+    kind = "prep" if spec.prep is not None else "curate"
+    output = (spec.prep.output if spec.prep is not None else spec.curate.output or "").rstrip("/")
     parts = [p for p in re.split(r"[/\\]+", output.split("://", 1)[-1]) if p not in ("", ".", "..")]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts[-2:])).strip("-._")[:60]
     digest = hashlib.sha1(output.encode()).hexdigest()[:6]
-    return f"prep-{readable or 'output'}-{digest}"
+    return f"{kind}-{readable or 'output'}-{digest}"
 
 
 def resolved_spec_yaml(spec: JobSpec) -> str:
@@ -172,6 +174,9 @@ def relative_path_warnings(spec: JobSpec) -> list[str]:
             paths.append((f"{prefix}.output", prep.output))
     if spec.data is not None and spec.data.prepared is not None:
         paths.append(("data.prepared", spec.data.prepared))
+    if spec.curate is not None:
+        paths += [(f"curate.{field}", getattr(spec.curate, field)) for field in ("input", "output")
+                  if getattr(spec.curate, field) is not None]
     if spec.run is not None:
         paths.append(("run.storage", spec.run.storage))
     models = [("model.vision.name", spec.model.vision.name),

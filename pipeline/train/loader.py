@@ -16,7 +16,9 @@ batch size ``B`` and ``T`` samples in the corpus:
 
 So no sample reaches two workers in one epoch, and a stream started at step ``s`` skips whole
 epochs and windows without reading them, then yields the very batches an uninterrupted stream
-would (augmentation is seeded per sample by its position in the epoch).
+would (augmentation is seeded per sample by its position in the epoch). Curated shards with
+several captions per image (``pipeline.data.prepared``) give each sample, at each step, one of
+its captions drawn by a generator seeded by the step and the sample's position.
 
 A background thread reads windows (one ahead) and hands whole batches to a small thread pool
 that decodes and augments them (Pillow releases the GIL); at most ``prefetch_batches`` wait ready.
@@ -40,14 +42,22 @@ import torch
 from pipeline.errors import QformerError
 from pipeline.data.augment import TrainTransform
 from pipeline.data.batches import PIXELS, ImageDecodeError, InputBuilder
-from pipeline.data.prepared import KEY, MODEL_INPUTS, TOKEN_COLUMNS, TextKind
+from pipeline.data.prepared import (
+    KEY,
+    MODEL_INPUTS,
+    MULTI_TOKEN_COLUMNS,
+    TOKEN_COLUMNS,
+    TextKind,
+    has_multiple_captions,
+    pick_captions,
+)
 from pipeline.io.storage import Location
 
 log = logging.getLogger("qformer.train")
 
 _SHARD_COLUMN = "__shard"
-# Domain tags keep the permutation, window-shuffle and augmentation streams independent.
-_PERMUTE, _SHUFFLE, _AUGMENT = 0, 1, 2
+# Domain tags keep the permutation, window-shuffle, augmentation and caption streams independent.
+_PERMUTE, _SHUFFLE, _AUGMENT, _CAPTION = 0, 1, 2, 3
 _POLL_S = 0.1
 
 
@@ -55,6 +65,12 @@ def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
     """The augmentation generator of the sample at ``position`` of ``epoch``'s stream: a function
     of the position alone, so a resumed stream augments as an uninterrupted one."""
     return np.random.default_rng(np.random.SeedSequence([seed, _AUGMENT, epoch, position]))
+
+
+def caption_draw(seed: int, step: int, position: int) -> int:
+    """The caption draw of the sample at ``position`` of ``step``'s batch stream (taken modulo
+    the sample's caption count): a function of the step and the position alone."""
+    return int(np.random.default_rng(np.random.SeedSequence([seed, _CAPTION, step, position])).integers(2**31))
 
 
 @dataclass(frozen=True)
@@ -106,8 +122,16 @@ class LoaderConfig:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The Parquet columns a stream reads."""
+        """The Parquet columns a stream reads from single-caption shards."""
         return (KEY, *self.input_builder().columns)
+
+    def read_columns(self, multiple_captions: bool) -> tuple[str, ...]:
+        """The Parquet columns a stream reads: with ``multiple_captions``, every kept caption's
+        tokens instead of the single caption's."""
+        if not multiple_captions:
+            return self.columns
+        single = TOKEN_COLUMNS[self.text]
+        return tuple(c for c in self.columns if c not in single) + MULTI_TOKEN_COLUMNS[self.text]
 
     def input_builder(self) -> InputBuilder:
         """Rows -> model inputs, augmenting as configured."""
@@ -198,6 +222,11 @@ def _read_footer(location: Location, columns: tuple[str, ...]) -> tuple[list[int
     return rows, {name: schema.field(name).type for name in columns}
 
 
+def _has_multiple_captions(shard: Location, text: TextKind) -> bool:
+    with _open(shard) as handle:
+        return has_multiple_captions(pq.read_schema(handle), text)
+
+
 def _index_row_groups(shards: tuple[Location, ...], columns: tuple[str, ...]) -> _RowGroups:
     """Read every footer (in threads: on S3 each is a round trip) and check the shards agree."""
     with ThreadPoolExecutor(min(16, len(shards))) as pool:
@@ -252,7 +281,9 @@ class BatchStream:
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self._groups = _index_row_groups(config.shards, config.columns)
+        self._multiple_captions = _has_multiple_captions(config.shards[0], config.text)
+        self._columns = config.read_columns(self._multiple_captions)
+        self._groups = _index_row_groups(config.shards, self._columns)
         self.total_samples = int(self._groups.rows.sum())
         self.steps_per_epoch = self.total_samples // world_size // config.batch_size
         if self.steps_per_epoch == 0:
@@ -411,7 +442,7 @@ class BatchStream:
                 with _open(location) as handle:
                     # pre_buffer coalesces the projected column chunks into few range requests.
                     parquet = pq.ParquetFile(handle, pre_buffer=True)
-                    table = parquet.read_row_group(piece.group, columns=list(self.config.columns))
+                    table = parquet.read_row_group(piece.group, columns=list(self._columns))
             except Exception as error:
                 raise DataError(f"{location.url}: cannot read row group {piece.group}: {error}") from error
             table = table.slice(piece.start, piece.stop - piece.start)
@@ -428,6 +459,9 @@ class BatchStream:
         first = self.rank * self._share + (step - epoch * self.steps_per_epoch) * config.batch_size
         keys = rows.column(KEY).to_pylist()
         rngs = [sample_rng(config.seed, epoch, first + j) for j in range(rows.num_rows)] if config.augment else None
+        if self._multiple_captions:
+            draws = np.array([caption_draw(config.seed, step, first + j) for j in range(rows.num_rows)])
+            rows = pick_captions(rows, config.text, draws)
         try:
             inputs = self._inputs(rows, rngs)
         except ImageDecodeError as error:

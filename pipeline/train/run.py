@@ -186,9 +186,17 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
         raw = job.data.raw.model_copy(update={"output": prepared.url})
         log.info("train: preparing raw shards into %s", prepared.url)
         run_prep(raw, ray_address=job.run.ray_address)
-        manifest = prepared.child(MANIFEST)
     else:
-        manifest = Location.of(job.data.prepared, job.data.storage).child(MANIFEST)
+        prepared = Location.of(job.data.prepared, job.data.storage)
+    if job.data.curate is not None:
+        from pipeline.curate.run import run_curate
+
+        curated = run_dir.child("curated")
+        log.info("train: curating %s into %s", prepared.url, curated.url)
+        run_curate(job.data.curate.model_copy(update={"input": prepared.url, "output": curated.url}),
+                   ray_address=job.run.ray_address)
+        prepared = curated
+    manifest = prepared.child(MANIFEST)
     if not exists(manifest):
         raise TrainError(f"data: {manifest.url} not found; run `qformer prep` on the corpus first")
     _check_tokens(job, json.loads(read_bytes(manifest)))

@@ -198,3 +198,14 @@ def test_unknown_job_id_is_one_line_error(ray_head, capsys):
         assert code == 2
         assert err.strip().splitlines() == [
             f"error: no job no-such-job on the cluster at {ray_head.address} (qformer jobs list shows them)"]
+
+
+def test_a_curate_spec_is_named_after_its_output_and_its_relative_paths_are_flagged():
+    from pipeline.spec import JobSpec
+    from pipeline.spec.loader import validate_spec
+    from pipeline.submit.submission import relative_path_warnings, run_name
+
+    spec = validate_spec({"curate": {"input": "data/prepared", "output": "s3://bucket/curated/demo",
+                                     "near_duplicates": {"enabled": True}}}, JobSpec)
+    assert re.fullmatch(r"curate-curated-demo-[0-9a-f]{6}", run_name(spec))
+    assert [w.split(" ", 1)[0] for w in relative_path_warnings(spec)] == ["curate.input"]

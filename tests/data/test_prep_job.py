@@ -143,3 +143,5 @@ def test_shard_is_durable_before_its_stats_file_marks_it_complete(tmp_path, monk
     assert events[data + 1] == ("fsync", "out")  # the rename itself is durable ...
     assert data + 1 < marker  # ... before the marker is written
     assert events[marker - 1][1].startswith("a.stats.json.tmp-") and events[marker + 1] == ("fsync", "out")
+    provenance = events.index(("replace", "a.parquet"), data + 1)  # provenance/a.parquet
+    assert events[provenance + 1] == ("fsync", "provenance") and provenance < marker

@@ -97,7 +97,7 @@ def test_impossible_ranges_are_rejected(tmp_path):
 
 
 def test_empty_spec_and_non_mapping_are_rejected(tmp_path):
-    with pytest.raises(SpecError, match="needs a prep section or a training job"):
+    with pytest.raises(SpecError, match="needs a prep section, a curate section or a training job"):
         load_spec(_write(tmp_path, {}), JobSpec)
     path = tmp_path / "list.yaml"
     path.write_text("- a\n- b\n")

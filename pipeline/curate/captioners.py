@@ -1,0 +1,104 @@
+"""Synthetic captions: K per image by nucleus sampling, from our stage-2 model or a transformers
+image-to-text model. Each image's captions are sampled from a seed of (``captioner.seed``, its
+key) alone (``pipeline.model.generate.SeededNucleusSampling``), so a rerun, or a run with other
+batches, writes the same captions."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from pipeline.curate.sources import PixelBatcher, decode_rgb, our_checkpoint, transformers_name
+from pipeline.model.generate import DecodingSpec, generate_captions
+from pipeline.spec.curate import CaptionerSpec
+from pipeline.spec.storage import StorageSpec
+
+
+def image_seed(seed: int, key: str) -> int:
+    """The sampling seed of the image ``key``."""
+    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def decoding_of(spec: CaptionerSpec) -> DecodingSpec:
+    """Nucleus sampling of ``spec.captions`` captions per image."""
+    return DecodingSpec(max_new_tokens=spec.max_new_tokens, prompt=spec.prompt, do_sample=True,
+                        top_p=spec.top_p, temperature=spec.temperature, num_return_sequences=spec.captions)
+
+
+class OwnCaptioner:
+    """Captions with a stage-2 checkpoint of this pipeline (its Q-Former as the frozen LLM's
+    visual prompt; ``pipeline.model.generate``)."""
+
+    def __init__(self, checkpoint, spec: CaptionerSpec, device: torch.device):
+        from pipeline.checkpoint.rebuild import load_trained_model
+        from pipeline.model import build_llm_tokenizer, image_preprocessing
+
+        self.spec, self.device = spec, device
+        self.model = load_trained_model(checkpoint).to(device)
+        self.tokenizer = build_llm_tokenizer(checkpoint.model_spec.llm)
+        self.pixels = PixelBatcher(image_preprocessing(checkpoint.model_spec.vision))
+        self.decoding = decoding_of(spec)
+
+    @torch.no_grad()
+    def __call__(self, images: list[bytes], keys: list[str]) -> list[list[str]]:
+        """K captions for each image (prepared JPEG bytes)."""
+        pixel_values = self.pixels(images).to(self.device)  # (B, 3, S, S)
+        seeds = [image_seed(self.spec.seed, key) for key in keys]
+        flat = generate_captions(self.model, self.tokenizer, pixel_values, self.decoding, seeds=seeds)
+        k = self.spec.captions
+        return [flat[i * k : (i + 1) * k] for i in range(len(images))]
+
+
+class TransformersCaptioner:
+    """Captions with a transformers image-to-text model: BLIP, BLIP-2, or anything
+    ``AutoModelForImageTextToText`` loads, with its own processor."""
+
+    def __init__(self, name: str, spec: CaptionerSpec, device: torch.device):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from pipeline.model.frozen import torch_dtype
+
+        self.spec, self.device = spec, device
+        path = transformers_name(name)
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(spec.dtype)).to(device).eval()
+        self.decoding = decoding_of(spec)
+
+    @torch.no_grad()
+    def __call__(self, images: list[bytes], keys: list[str]) -> list[list[str]]:
+        """K captions for each image (prepared JPEG bytes)."""
+        k = self.spec.captions
+        inputs = self.processor(images=[decode_rgb(data) for data in images],
+                                text=[self.spec.prompt] * len(images) if self.spec.prompt else None,
+                                return_tensors="pt")
+        rows = {name: value.repeat_interleave(k, dim=0).to(self.device) for name, value in inputs.items()
+                if isinstance(value, torch.Tensor)}  # every input tensor, K rows per image
+        if "pixel_values" in rows:
+            rows["pixel_values"] = rows["pixel_values"].to(self.model.dtype)
+        seeds = [image_seed(self.spec.seed, key) for key in keys]
+        output = self.model.generate(**rows, **self.decoding.generate_kwargs(seeds))  # (B * K, T)
+        texts = [_without_prompt(text, self.spec.prompt)
+                 for text in self.processor.batch_decode(output, skip_special_tokens=True)]
+        return [texts[i * k : (i + 1) * k] for i in range(len(images))]
+
+
+def _without_prompt(text: str, prompt: str) -> str:
+    text = text.strip()
+    if prompt and text.lower().startswith(prompt.strip().lower()):
+        text = text[len(prompt.strip()):]
+    return text.strip()
+
+
+def build_captioner(spec: CaptionerSpec, storage: StorageSpec, device: torch.device):
+    """The captioner ``spec`` names.
+
+    Raises:
+        CurateModelError: a checkpoint that is not of stage 2.
+        CheckpointError: an unusable checkpoint.
+    """
+    checkpoint = our_checkpoint(spec.model, spec.kind, spec.stage, storage, 2, "captioner")
+    if checkpoint is not None:
+        return OwnCaptioner(checkpoint, spec, device)
+    return TransformersCaptioner(spec.model, spec, device)
