@@ -38,6 +38,14 @@ def cli_without(modules: tuple[str, ...], args: list[str], *, env: dict | None =
                           env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
 
 
+def one_error_line(err: str) -> str:
+    """The one ``error:`` line of a command's stderr (progress lines, and log lines of earlier
+    tests' loggers, may surround it); no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
 def jpeg_bytes(width: int = 64, height: int = 48, color=(200, 30, 30), seed: int = 0) -> bytes:
     """A real JPEG with a pattern that differs per seed (so hashes differ)."""
     from PIL import Image, ImageDraw

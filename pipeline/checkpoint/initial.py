@@ -10,13 +10,13 @@ an LLM projection for an LLM of another width. Anything else must be listed in t
 naming the tensors. The frozen towers never load from a source: they come from the model spec.
 
 The driver runs :func:`check_initial_weights` before any Ray work; each worker then
-:func:`load_initial_weights`, and rank 0 lists every tensor loaded.
+:func:`load_initial_weights`; rank 0 puts the counts on the console and every tensor in the log.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +56,9 @@ class InitReport:
                 f"from model.qformer.init, {len(self.left_out)} of the source left out, {self.frozen} "
                 "frozen-tower tensors not loaded (the towers come from the model section)")
 
-    def lines(self) -> list[str]:
-        """The summary, then one line per tensor loaded, starting fresh or left out."""
+    def tensor_lines(self) -> list[str]:
+        """One line per tensor loaded, starting fresh or left out."""
         return [
-            self.summary(),
             *(f"  loaded {name} {tuple(shape)}" for name, shape in self.loaded.items()),
             *(f"  starts from init: {name} ({why})" for name, why in self.fresh.items()),
             *(f"  left out: {name} ({why})" for name, why in self.left_out.items()),
@@ -128,15 +127,12 @@ def check_initial_weights(model: Blip2Pretrainer, source: InitSource) -> InitRep
     return _read_and_match(model, source)[0]
 
 
-def load_initial_weights(
-    model: Blip2Pretrainer, source: InitSource, *, say: Callable[[str], None] | None = None
-) -> InitReport:
+def load_initial_weights(model: Blip2Pretrainer, source: InitSource) -> InitReport:
     """Load ``source``'s weights into ``model``'s trainable tensors, strictly (see the module).
 
     Args:
         model: The stage's freshly built model (before DeepSpeed wraps it).
         source: What the stage starts from.
-        say: Called with each line of the report (the summary, then every tensor); None: silent.
 
     Returns:
         What loaded and what did not.
@@ -149,9 +145,6 @@ def load_initial_weights(
     with torch.no_grad():
         for name in report.loaded:
             params[name].copy_(weights[name])
-    if say is not None:
-        for line in report.lines():
-            say(line)
     return report
 
 

@@ -19,7 +19,7 @@ from pipeline.model import Blip2Pretrainer
 from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
 from pipeline.train.checkpoint import restore
-from pipeline.train.metrics import console
+from pipeline.train.metrics import console, log_line
 from pipeline.train.optim import build_optimizer, build_scheduler, deepspeed_config
 from pipeline.train.seeds import init_seed
 from pipeline.train.state import set_masters
@@ -59,7 +59,11 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
     if saved is not None:
         model.load_trainable_state_dict(load_file(f"{folder}/{TRAINABLE}"))
     elif init_weights is not None:
-        load_initial_weights(model, init_weights, say=console if rank == 0 else None)
+        report = load_initial_weights(model, init_weights)
+        if rank == 0:  # the counts on the console, every tensor in the log
+            console(report.summary())
+            for line in report.tensor_lines():
+                log_line(line)
     # fp32, before DeepSpeed rounds the working copies to the training precision.
     initial = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
     optimizer = build_optimizer(model, stage.optimizer)

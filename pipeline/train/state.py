@@ -168,7 +168,7 @@ def restore_state(engine, state: TrainingState, *, step: int, samples: int,
                 _torch_optimizer(engine).state[_master_of(engine, p)][key].copy_(value)
     for optimizer_state in _torch_optimizer(engine).state.values():
         if "step" in optimizer_state:
-            optimizer_state["step"] = _like_step(optimizer_state["step"], state.adam_step)
+            optimizer_state["step"] = _like_step(optimizer_state["step"], state.adam_step + _setup_steps(engine))
 
     scheduler = engine.lr_scheduler
     scheduler.load_state_dict(state.scheduler)
@@ -307,8 +307,18 @@ def _link_optimizer_fragments(engine) -> None:
 
 
 def _adam_step(engine) -> int:
+    """Updates taken, whatever ZeRO stage and precision took them (the portable count)."""
     steps = [s["step"] for s in _torch_optimizer(engine).state.values() if "step" in s]
-    return max(int(s) for s in steps) if steps else 0
+    return max(int(s) for s in steps) - _setup_steps(engine) if steps else 0
+
+
+def _setup_steps(engine) -> int:
+    """Steps torch's AdamW counted that were no update: without ZeRO, DeepSpeed's 16-bit
+    optimizer wrapper allocates AdamW's state by one step on zero gradients when it is built."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return 1 if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)) else 0
 
 
 def _like_step(current, value: int):

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.io.lease import hold_lease
 from pipeline.io.storage import Location
 from pipeline.data.drops import merge_counts
-from tests.helpers import jpeg_bytes, sample_members, write_tar
+from tests.helpers import jpeg_bytes, one_error_line, sample_members, write_tar
 from tests.data.corpus import (
     EXPECTED_DROPS,
     EXPECTED_KEPT,
@@ -86,8 +86,7 @@ def test_hostile_corpus_completes_and_a_failed_shard_is_retried_until_it_is_proc
 
     # 1. Every other shard completes; the run fails naming the unreadable shard.
     assert main(["prep", str(spec_path)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: prep: 1 of 6 shards failed (broken: ReadError")
+    assert one_error_line(capsys.readouterr().err).startswith("error: prep: 1 of 6 shards failed (broken: ReadError")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(f["name"], f["phase"]) for f in manifest["failed_shards"]] == [("broken", "index")]
     assert not (out / "broken.stats.json").exists()
@@ -129,7 +128,7 @@ def test_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, cap
     spec_path.write_text(yaml.safe_dump(spec))
     with hold_lease(Location.of(str(tmp_path / "out")), purpose="qformer prep") as lease:
         assert main(["prep", str(spec_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'out'} is in use by qformer prep")
-    assert lease.record["owner"] in err[0]
+    error = one_error_line(capsys.readouterr().err)
+    assert error.startswith(f"error: {tmp_path / 'out'} is in use by qformer prep")
+    assert lease.record["owner"] in error
     assert not (tmp_path / "out" / "_work").exists()  # refused before touching anything

@@ -74,12 +74,11 @@ def test_a_stage1_export_loads_back_into_a_model_that_computes_the_same(stage1):
     batch = random_batch(trained.model, seed=40)
     with torch.no_grad():
         before = fresh(**batch)
-    lines = []
-    report = load_initial_weights(fresh, source, say=lines.append)
+    report = load_initial_weights(fresh, source)
+    lines = report.tensor_lines()
 
     assert set(report.loaded) == _trainable_names(fresh) and not report.fresh and not report.left_out
-    assert lines[0] == report.summary() and "transformers Blip2 model" in lines[0]
-    assert len(lines) == 1 + len(report.loaded)
+    assert "transformers Blip2 model" in report.summary() and len(lines) == len(report.loaded)
     assert "  loaded qformer.encoder.layer.0.crossattention.attention.query.weight (32, 32)" in lines
     with torch.no_grad():
         ours, theirs = trained.model(**batch), fresh(**batch)
@@ -292,10 +291,9 @@ def test_unreadable_and_unrelated_sources_are_one_line_errors(stage1, tmp_path, 
     assert "init_from_allow_missing / init_from_allow_unexpected" in message
     fresh = _fresh(spec, 1)
     before = {name: t.clone() for name, t in fresh.trainable_state_dict().items()}
-    lines = []
     report = load_initial_weights(fresh, resolve_init_source(str(unrelated), allow_missing=("*",),
-                                                             allow_unexpected=("*",)), say=lines.append)
-    assert not report.loaded and lines[0].endswith("nothing in it fits this model (allowed by the spec): "
+                                                             allow_unexpected=("*",)))
+    assert not report.loaded and report.summary().endswith("nothing in it fits this model (allowed by the spec): "
                                                    "the stage starts from model.qformer.init")
     assert all(torch.equal(t, before[name]) for name, t in fresh.trainable_state_dict().items())
 

@@ -14,6 +14,7 @@ from pipeline.io.lease import hold_lease
 from pipeline.io.storage import Location
 from pipeline.train.metrics import read_records
 from pipeline.train.resume import SpecChanged, check_resumable
+from tests.helpers import one_error_line
 from tests.train.helpers import job_spec, tiny_job
 
 
@@ -64,14 +65,6 @@ def test_harmless_and_accepted_changes_pass_and_are_listed(saved):
     assert "stages.0.steps: 6 in the checkpoint, 20 now" in accepted and len(accepted) == 6
 
 
-def _error_line(capsys) -> str:
-    """The one ``error:`` line on stderr (log lines of earlier tests' loggers may surround it)."""
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
 @pytest.fixture
 def no_ray(monkeypatch):
     """Make the driver's Ray start an error: a test that passes never got that far."""
@@ -89,7 +82,7 @@ def test_qformer_train_refuses_a_changed_spec_in_one_line_before_ray_starts(save
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(raw))
     assert main(["train", str(spec)]) == 2
-    err = _error_line(capsys)
+    err = one_error_line(capsys.readouterr().err)
     assert err.startswith("error: stage stage1 resumes from") and "stages.0.batch_size: 4" in err
 
 
@@ -106,7 +99,7 @@ def test_a_second_run_on_a_held_run_folder_is_refused_naming_the_holder(storage,
     spec.write_text(yaml.safe_dump(raw))
     with hold_lease(folder, purpose="another qformer train"):
         assert main(["train", str(spec)]) == 2
-    assert "another qformer train" in _error_line(capsys)
+    assert "another qformer train" in one_error_line(capsys.readouterr().err)
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_said(tmp_path, capsys):
