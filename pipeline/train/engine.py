@@ -61,7 +61,7 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
     elif init_weights is not None:
         report = load_initial_weights(model, init_weights)
         if rank == 0:  # the counts on the console, every tensor in the log
-            console(report.summary())
+            console(f"[{stage.name}] {report.summary()}")
             for line in report.tensor_lines():
                 log_line(line)
     # fp32, before DeepSpeed rounds the working copies to the training precision.

@@ -108,8 +108,7 @@ def test_curated_shards_hold_every_kept_caption_tokenized_as_prep_does(curated):
 def test_training_reads_the_curated_shards(curated):
     out, _ = curated
     shards = shards_from_manifest(Location.of(str(out / "manifest.json")))
-    config = LoaderConfig(shards=shards, batch_size=4, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
-                          text="llm", augment=False)
+    config = LoaderConfig(shards=shards, batch_size=4, image_size=32, text="llm", augment=False)
     with BatchStream(config, 0, 1) as stream:
         batch = next(stream)
     assert batch["llm_input_ids"].shape == (4, 16) and batch["pixel_values"].shape == (4, 3, 32, 32)
@@ -159,14 +158,14 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(prepared_demo, checkpo
 
 
 def test_transformers_captioner_and_ranker_curate_from_and_to_s3(ray_2cpus, s3_endpoint, prepared_demo, tmp_path):
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
-    fs.put(prepared_demo, "test-bucket/prepared", recursive=True)
-    manifest = json.loads(fs.cat_file("test-bucket/prepared/manifest.json"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)  # a prefix of its own in the session's bucket
+    fs.put(prepared_demo, "test-bucket/curate-input", recursive=True)
+    manifest = json.loads(fs.cat_file("test-bucket/curate-input/manifest.json"))
     for entry in manifest["shards"]:  # the copied folder's manifest names its own shards
-        entry["output"] = f"s3://test-bucket/prepared/{entry['name']}.parquet"
-    fs.pipe_file("test-bucket/prepared/manifest.json", json.dumps(manifest).encode())
+        entry["output"] = f"s3://test-bucket/curate-input/{entry['name']}.parquet"
+    fs.pipe_file("test-bucket/curate-input/manifest.json", json.dumps(manifest).encode())
     raw = {"curate": {
-        "input": "s3://test-bucket/prepared", "output": "s3://test-bucket/curated",
+        "input": "s3://test-bucket/curate-input", "output": "s3://test-bucket/curate-output",
         "storage": {"endpoint_url": s3_endpoint},
         "captioner": {"model": str(save_tiny_blip(tmp_path / "blip")), "captions": 2, "max_new_tokens": 4},
         "ranker": {"model": str(save_tiny_clip(tmp_path / "clip"))},
@@ -175,7 +174,7 @@ def test_transformers_captioner_and_ranker_curate_from_and_to_s3(ray_2cpus, s3_e
     result = run_curate(validate_spec(raw, JobSpec).curate)
     fs.invalidate_cache()
     assert result["totals"]["samples_in"] == manifest["totals"]["samples_out"]
-    assert result["drops"] == {} and fs.exists("test-bucket/curated/manifest.json")
+    assert result["drops"] == {} and fs.exists("test-bucket/curate-output/manifest.json")
     with fs.open(result["shards"][0]["output"], "rb") as handle:
         table = pq.read_table(handle)
     assert set(table.column("caption_count").to_pylist()) == {1}

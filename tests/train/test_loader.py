@@ -235,10 +235,10 @@ def test_reads_shards_listed_in_a_manifest_on_s3(s3_endpoint, tmp_path, corpus):
     entries = []
     for local in corpus[:2]:
         name = local.url.rsplit("/", 1)[-1]
-        fs.put_file(local.url, f"test-bucket/prepared/{name}")
-        entries.append({"name": name, "input": "x", "output": f"s3://test-bucket/prepared/{name}", "samples": 0})
-    fs.pipe_file("test-bucket/prepared/manifest.json", json.dumps({"shards": entries}).encode())
-    manifest = Location("s3://test-bucket/prepared/manifest.json", {"endpoint_url": s3_endpoint})
+        fs.put_file(local.url, f"test-bucket/loader-input/{name}")
+        entries.append({"name": name, "input": "x", "output": f"s3://test-bucket/loader-input/{name}", "samples": 0})
+    fs.pipe_file("test-bucket/loader-input/manifest.json", json.dumps({"shards": entries}).encode())
+    manifest = Location("s3://test-bucket/loader-input/manifest.json", {"endpoint_url": s3_endpoint})
     shards = shards_from_manifest(manifest)
     assert [s.options for s in shards] == [{"endpoint_url": s3_endpoint}] * 2
     with BatchStream(config(shards), 1, 2) as remote, BatchStream(config(corpus[:2]), 1, 2) as local:
