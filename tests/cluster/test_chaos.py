@@ -14,14 +14,21 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from pipeline.checkpoint.status import run_status
 from pipeline.data.demo_corpus import write_demo_corpus
 from pipeline.data.prep import run_prep
 from pipeline.errors import QformerError
+from pipeline.io.storage import Location
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 from pipeline.train.run import run_training
 from tests.helpers import demo_prep_spec, free_port
-from tests.train.helpers import job_spec, registered_checkpoint, tiny_job, train_worker_pids
+from tests.train.helpers import (
+    job_spec,
+    registered_checkpoint,
+    tiny_job,
+    train_worker_pids,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -154,6 +161,10 @@ def test_prep_and_training_end_as_undisturbed_runs_despite_an_outage_and_a_kille
     assert endpoint.outages == 2 and summary["stages"][0]["step"] == 6
 
     fs = _fs(endpoint)
+    final = json.loads(fs.cat_file(f"{summary['stages'][0]['checkpoint'].removeprefix('s3://')}/metadata.json"))
+    assert final["resumed_from_step"] >= 2, "the restarted workers continued from a checkpoint"
+    [stage] = run_status(Location("s3://chaos/runs/disturbed", {"endpoint_url": endpoint.url}))["stages"]
+    assert stage["worker_restarts"] >= 1, "qformer status sees the restart"
     resumed, expected = _metrics(fs, "disturbed"), _metrics(fs, "reference")
     assert [r["step"] for r in resumed] == list(range(1, 7)), "every step logged exactly once"
     for mine, theirs in zip(resumed, expected):

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from pipeline.checkpoint.status import run_status
 from pipeline.io.storage import Location
 from pipeline.model import Blip2Pretrainer
 from pipeline.train.run import run_training
@@ -26,8 +17,6 @@ from tests.train.helpers import (
     in_bf16,
     job_spec,
     tiny_job,
-    train_worker_pids,
-    wait_for_registered_checkpoint,
 )
 
 FROZEN_PREFIXES = ("vision_model.", "language_model.")
@@ -47,11 +36,9 @@ def _tensor_bytes(path: Path) -> int:
     return len(data) - 8 - int.from_bytes(data[:8], "little")
 
 
-@pytest.mark.parametrize("zero_stage, precision", [(2, "fp32"), (3, "bf16")])
-def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage, precision):
-    raw = tiny_job("curriculum", str(tmp_path), prepared_demo, zero_stage=zero_stage)
-    if precision == "bf16":
-        raw = in_bf16(raw)
+def test_two_stage_curriculum_end_to_end_under_zero3_bf16(prepared_demo, tmp_path):
+    # GPU's configuration; ZeRO-2 fp32 runs end to end in test_user_view (jobs/demo_tiny.yaml).
+    raw = in_bf16(tiny_job("curriculum", str(tmp_path), prepared_demo, zero_stage=3))
     for stage in raw["stages"]:  # periodic held-out evaluation (the training data stands in)
         stage["eval"] = {"data": prepared_demo, "every": 3, "max_samples": 12, "batch_size": 4,
                          "itm_top_k": 2, "max_new_tokens": 3}
@@ -96,13 +83,12 @@ def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage, pr
         assert payload == 12 * counts.trainable
         assert _folder_bytes(folder) - payload < 64_000
         dtypes = json.loads((folder / "metadata.json").read_text())["dtypes"]
-        expected = {"vision": raw["model"]["vision"]["dtype"], "trainable": "bfloat16" if precision == "bf16" else "float32",
-                    "masters": "float32"}
+        expected = {"vision": raw["model"]["vision"]["dtype"], "trainable": "bfloat16", "masters": "float32"}
         if stage_spec.objective == 2:
             expected["llm"] = raw["model"]["llm"]["dtype"]
         assert dtypes == expected
-        if precision == "bf16":  # the masters were never rounded to the working precision
-            assert any(not torch.equal(t.bfloat16().float(), t) for t in trainable.values())
+        # The masters were never rounded to the working precision.
+        assert any(not torch.equal(t.bfloat16().float(), t) for t in trainable.values())
     trainable = load_file(Path(summary["stages"][0]["checkpoint"]) / "trainable.safetensors")
 
     # Stage 2 started from stage 1's trained Q-Former, not from a fresh initialisation.
@@ -114,82 +100,6 @@ def test_two_stage_curriculum_end_to_end(prepared_demo, tmp_path, zero_stage, pr
     moved_from_stage1 = max(float((final2[k] - trainable[k]).abs().max()) for k in shared)
     distance_to_fresh = max(float((final2[k] - fresh[k]).abs().max()) for k in shared)
     assert moved_from_stage1 < distance_to_fresh
-
-
-def test_killed_worker_restarts_from_last_checkpoint(prepared_demo, tmp_path):
-    raw = tiny_job("worker-kill", str(tmp_path), prepared_demo, stage1_steps=12, stage2_steps=None,
-                   checkpoint_every=4)
-    run = tmp_path / "worker-kill" / "stage1"
-    killed: list[int] = []
-
-    def kill_after_first_checkpoint():
-        wait_for_registered_checkpoint(fsspec.filesystem("file"), str(run), lambda: True)
-        pids = train_worker_pids()
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    summary = run_training(job_spec(raw))
-    killer.join()
-
-    assert killed, "no Ray Train worker was found to kill"
-    assert summary["stages"][0]["step"] == 12
-    final = json.loads(Path(summary["stages"][0]["checkpoint"], "metadata.json").read_text())
-    assert final["resumed_from_step"] == 4, "the restarted workers continued from the checkpoint"
-    steps = [r["step"] for r in _metrics(run / "metrics.jsonl")]
-    assert steps == list(range(1, 13)), "metrics must cover every step exactly once after the restart"
-    [stage] = run_status(Location.of(str(tmp_path / "worker-kill")))["stages"]
-    assert (stage["starts"], stage["worker_restarts"], stage["resumes"]) == (2, 1, 0), "qformer status sees it"
-
-
-def _start_train(spec: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(spec)],
-                            env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def test_driver_killed_resumes_from_s3_checkpoints_with_identical_losses(prepared_demo, tmp_path, s3_endpoint):
-    import s3fs
-
-    reference = run_training(job_spec(in_bf16(tiny_job("reference", str(tmp_path), prepared_demo,
-                                                       stage1_steps=8, stage2_steps=None, checkpoint_every=4))))
-    expected = _metrics(tmp_path / "reference" / "stage1" / "metrics.jsonl")
-    assert reference["stages"][0]["step"] == 8
-
-    raw = in_bf16(tiny_job("resumed", "s3://test-bucket/runs", prepared_demo, stage1_steps=8,
-                           stage2_steps=None, checkpoint_every=4, endpoint_url=s3_endpoint))
-    spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(raw))
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
-    first = _start_train(spec)
-    wait_for_registered_checkpoint(fs, "test-bucket/runs/resumed/stage1", lambda: first.poll() is None)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert not fs.exists("test-bucket/runs/resumed/stage1/complete.json")
-
-    second = _start_train(spec)
-    output, _ = second.communicate(timeout=400)
-    assert second.returncode == 0, output
-    start = int(re.search(r"resumed at step (\d+)/8", output).group(1))  # on the console
-    fs.invalidate_cache()
-    # The command's log, uploaded to the run folder, has every step's line once.
-    [log] = fs.glob("test-bucket/runs/resumed/logs/train-*.log")
-    shown = re.findall(r"\[stage1\] step (\d+)/8 ", fs.cat_file(log).decode())
-    assert shown == [str(step) for step in range(start + 1, 9)], "one progress line per step"
-
-    resumed = [json.loads(line) for line in fs.cat_file("test-bucket/runs/resumed/stage1/metrics.jsonl").decode().splitlines()]
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for mine, theirs in zip(resumed, expected):
-        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "samples_seen"):
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
-    complete = json.loads(fs.cat_file("test-bucket/runs/resumed/stage1/complete.json"))
-    assert complete["step"] == 8 and complete["checkpoint"].startswith("s3://test-bucket/runs/resumed/stage1/")
-    status = run_status(Location("s3://test-bucket/runs/resumed", {"endpoint_url": s3_endpoint}))
-    assert status["state"] == "finished" and status["lease"] is None and status["launches"] == 2
-    [stage] = status["stages"]
-    assert (stage["step"], stage["starts"], stage["resumes"], stage["worker_restarts"]) == (8, 2, 1, 0)
 
 
 def test_raising_steps_continues_a_finished_stage_and_a_torn_metrics_line_is_dropped(prepared_demo, tmp_path):

@@ -1,5 +1,6 @@
 """What a user sees: the README's commands with a console of our own lines only, the run in
-TensorBoard, MLflow and W&B, and ``qformer status`` on a running, a killed and a finished run."""
+TensorBoard, MLflow and W&B, and ``qformer status`` on a running, a killed and a finished run
+(whose resumed losses are those of an undisturbed run)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ import fsspec
 import pytest
 import yaml
 
+from pipeline.train.run import run_training
 from tests.helpers import REPO, tensorboard_scalars
-from tests.train.helpers import NEWCOMER_COMMANDS, tiny_job, wait_for_registered_checkpoint, wandb_history
+from tests.train.helpers import (
+    NEWCOMER_COMMANDS,
+    in_bf16,
+    job_spec,
+    tiny_job,
+    wait_for_registered_checkpoint,
+    wandb_history,
+)
 
 NOISE = ("Token authentication", "core_worker.cc", "Progress bars disabled", "deepspeed_shm_comm_op",
          "Loading weights", "FutureWarning", "all_gather_into_tensor", "deduplicates logs",
@@ -109,10 +118,16 @@ def _start_train(spec: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_status_of_a_running_a_killed_and_a_resumed_finished_run(prepared_demo, tmp_path):
+def test_a_killed_driver_resumes_with_identical_losses_and_status_follows_it(prepared_demo, tmp_path):
+    """``qformer status`` on a running, a killed and a resumed finished run; the resumed run's
+    losses are those of an undisturbed one (bf16) and its log shows every step once."""
+    job = in_bf16(tiny_job("watched", str(tmp_path), prepared_demo, stage1_steps=40, stage2_steps=None,
+                           checkpoint_every=8))
+    reference = run_training(job_spec({**job, "run": {**job["run"], "name": "reference"}}))
+    expected = _metrics(tmp_path / "reference" / "stage1" / "metrics.jsonl")
+    assert reference["stages"][0]["step"] == 40
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(tiny_job("watched", str(tmp_path), prepared_demo, stage1_steps=40,
-                                            stage2_steps=None, checkpoint_every=8)))
+    spec.write_text(yaml.safe_dump(job))
     run, stage = tmp_path / "watched", tmp_path / "watched" / "stage1"
     first = _start_train(spec)
     wait_for_registered_checkpoint(fsspec.filesystem("file"), str(stage), lambda: first.poll() is None)
@@ -128,6 +143,7 @@ def test_status_of_a_running_a_killed_and_a_resumed_finished_run(prepared_demo, 
 
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    assert not (stage / "complete.json").exists()
     killed = _status(run)
     assert killed["state"] == "stopped" and not killed["lease"]["held"]
     assert "is gone" in killed["lease"]["stale_reason"]
@@ -139,7 +155,15 @@ def test_status_of_a_running_a_killed_and_a_resumed_finished_run(prepared_demo, 
     second = _start_train(spec)
     output, _ = second.communicate(timeout=400)
     assert second.returncode == 0, output
-    assert re.search(r"\[stage1\] resumed at step \d+/40", output)
+    start = int(re.search(r"\[stage1\] resumed at step (\d+)/40", output).group(1))  # on the console
+    [log] = sorted((run / "logs").glob("train-*.log"))[-1:]  # the second command's log
+    shown = re.findall(r"\[stage1\] step (\d+)/40 ", log.read_text())
+    assert shown == [str(step) for step in range(start + 1, 41)], "one progress line per step"
+    resumed = _metrics(stage / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 41))
+    for mine, theirs in zip(resumed, expected):
+        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "samples_seen"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
     finished = _status(run)
     assert finished["state"] == "finished" and finished["lease"] is None and finished["launches"] == 2
     [done] = finished["stages"]
