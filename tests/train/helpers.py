@@ -179,6 +179,7 @@ def run_ranks(function, world: int, *args):
 
 def _ranked(rank: int, world: int, port: int, function, args) -> None:
     import os
+    import sys
 
     import torch
     import torch.distributed as dist
@@ -189,8 +190,15 @@ def _ranked(rank: int, world: int, port: int, function, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         function(rank, *args)
+        dist.barrier()  # no rank tears down while another still talks
     finally:
         dist.destroy_process_group()
+    # Done: leave without the interpreter's teardown, where a DeepSpeed engine's native threads
+    # sometimes abort the process ("terminate called without an active exception") after the
+    # work succeeded, which mp.spawn reports as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def wandb_history(run_file) -> list[dict]:
