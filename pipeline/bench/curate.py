@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.bench.quality import LoadMonitor, split_prep
 from pipeline.data.prepared import KEPT, MANIFEST, WEB, read_rows
+from pipeline.io.pictures import write_png
 from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
 from pipeline.spec import JobSpec, SpecError, load_spec
 from pipeline.spec.train import DataSpec
@@ -240,7 +241,6 @@ def _results(job: JobSpec, noise: float, accuracies: dict, outcome: list[dict], 
 def _plot(runs: dict[str, JobSpec], run_dir_of, accuracies: dict, outcome: list[dict], target: Location) -> str:
     """One PNG: stage-1 training loss and held-out accuracy of the three runs, the final
     accuracies, and the kept captions' correctness before and after."""
-    import io
 
     import matplotlib
 
@@ -270,10 +270,7 @@ def _plot(runs: dict[str, JobSpec], run_dir_of, accuracies: dict, outcome: list[
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    write_bytes_atomic(target, buffer.getvalue())
+    write_png(figure, target)
     return target.url
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.console import console
 from pipeline.data.prepared import MANIFEST
+from pipeline.io.pictures import write_png
 from pipeline.io.storage import Location, exists, write_bytes_atomic
 from pipeline.spec import JobSpec, SpecError, load_spec
 from pipeline.spec.prep import PrepSpec
@@ -147,7 +148,6 @@ def _results(job: JobSpec, summary: dict, evals: dict, times: dict, load: dict) 
 
 def _plot_curves(job: JobSpec, run_dir: Location, target: Location) -> str:
     """One PNG: each stage's training loss and its held-out metrics, with the target lines."""
-    import io
 
     import matplotlib
 
@@ -187,10 +187,7 @@ def _plot_curves(job: JobSpec, run_dir: Location, target: Location) -> str:
             axis.legend(fontsize=8)
     figure.suptitle(f"{job.run.name}: learning curves")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    write_bytes_atomic(target, buffer.getvalue())
+    write_png(figure, target)
     return target.url
 
 

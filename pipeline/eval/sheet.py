@@ -8,6 +8,7 @@ import html
 import io
 import math
 
+from pipeline.io.pictures import png_bytes
 from pipeline.io.storage import Location, write_bytes_atomic
 
 _COLUMNS = 4
@@ -99,7 +100,4 @@ def _png(examples: list[dict], images: dict[str, bytes], title: str, subtitle: s
             colour = "black" if ok is None else "#13803b" if ok else "#c0262d"
             axis.text(0.0, -0.03 - line * number, label, transform=axis.transAxes, fontsize=8,
                       color=colour, va="top", weight="bold" if ok is None else "normal")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)

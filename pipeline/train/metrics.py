@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
 from dataclasses import dataclass
 
+from pipeline.io.pictures import write_png
 from pipeline.io.storage import Location, atomic_write, exists, read_bytes
 from pipeline.spec.losses import LOSSES, TOTAL_LOSS
 from pipeline.train.progress import note
@@ -195,12 +195,8 @@ def plot_losses(records: list[dict], target: Location, title: str) -> None:
     axis.grid(alpha=0.3)
     if names:
         axis.legend()
-    buffer = io.BytesIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    with atomic_write(target) as handle:
-        handle.write(buffer.getvalue())
+    write_png(figure, target)
 
 
 def _plot_eval(axis, records: list[dict], names: list[str]) -> None:
