@@ -16,17 +16,10 @@ from pipeline.curate.sources import CurateModelError
 from pipeline.spec.curate import CaptionerSpec, RankerSpec
 from pipeline.spec.storage import StorageSpec
 from tests.curate.helpers import save_tiny_blip, save_tiny_clip, save_tiny_siglip, write_checkpoint
+from tests.helpers import one_thread  # noqa: F401 (autouse)
 
 CPU = torch.device("cpu")
 STORAGE = StorageSpec()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

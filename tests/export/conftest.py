@@ -10,16 +10,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from pipeline.assets import TINY_LLAMA, resolve_tokenizer
+from tests.helpers import one_thread  # noqa: F401 (autouse)
 from tests.model.tiny import save_bert, save_vision_tower
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

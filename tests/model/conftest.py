@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.helpers import one_thread  # noqa: F401 (autouse)
 
 from .tiny import save_bert, save_llm, save_vision_tower
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
