@@ -39,22 +39,22 @@ HUB_RETRIEVAL_GAPS = ("lm_head.*", "temp")
 """What a transformers Blip2ForImageTextRetrieval lacks: the ITG head and the ITC temperature."""
 
 
+def _trained_and_exported(towers, tmp_path_factory, objective: int) -> tuple[Trained, Path]:
+    """A trained model of ``objective`` (Blip2VisionModel tower) and its transformers export folder."""
+    trained = train_and_checkpoint(tmp_path_factory.mktemp("runs") / f"objective{objective}",
+                                   model_section(towers.blip2_vision, towers.bert, towers.llm), objective=objective)
+    out = export_checkpoint(str(trained.checkpoint), tmp_path_factory.mktemp("export") / f"stage{objective}").out_dir
+    return trained, out
+
+
 @pytest.fixture(scope="module")
 def stage1(towers, tmp_path_factory) -> tuple[Trained, Path]:
-    """A trained stage-1 model (Blip2VisionModel tower) and its transformers export folder."""
-    trained = train_and_checkpoint(tmp_path_factory.mktemp("runs") / "one",
-                                   model_section(towers.blip2_vision, towers.bert, towers.llm), objective=1)
-    out = export_checkpoint(str(trained.checkpoint), tmp_path_factory.mktemp("export") / "stage1").out_dir
-    return trained, out
+    return _trained_and_exported(towers, tmp_path_factory, 1)
 
 
 @pytest.fixture(scope="module")
 def stage2(towers, tmp_path_factory) -> tuple[Trained, Path]:
-    """A trained stage-2 model and its transformers export folder."""
-    trained = train_and_checkpoint(tmp_path_factory.mktemp("runs") / "two",
-                                   model_section(towers.blip2_vision, towers.bert, towers.llm), objective=2)
-    out = export_checkpoint(str(trained.checkpoint), tmp_path_factory.mktemp("export") / "stage2").out_dir
-    return trained, out
+    return _trained_and_exported(towers, tmp_path_factory, 2)
 
 
 def _fresh(spec: ModelSpec, objective: int) -> Blip2Pretrainer:
