@@ -3,9 +3,10 @@
 1. The easy-VQA train split is written twice, clean and with a known fraction of its captions
    replaced by wrong ones (another colour or shape; ``demo_corpus.wrong_caption``), and both are
    prepared, with the test split.
-2. Stage 1 and stage 2 train on the noisy corpus (``qformer train``).
-3. That model is the ranker (stage 1) and the captioner (stage 2): CapFilt over the noisy corpus
-   (``qformer curate``: the model trained on noisy data cleans its own data).
+2. Stage 1 (and, for a captioner through the LLM, stage 2) trains on the noisy corpus
+   (``qformer train``).
+3. That model is the ranker (stage 1) and the captioner (stage 1's ITG head, or stage 2): CapFilt
+   over the noisy corpus (``qformer curate``: the model trained on noisy data cleans its own data).
 4. Stage 1 trains again, with the same steps, on the curated corpus, and on the clean one.
 5. The three stage-1 models are evaluated on the test split (``qformer eval``).
 
@@ -41,7 +42,7 @@ DEFAULT_NOISE = 0.5
 
 def load_curate_benchmark_spec(path: str, overrides: list[str]) -> JobSpec:
     """The benchmark's job spec: a prep section (the clean train split), a curate section, and a
-    curriculum of a stage-1 and a stage-2 stage.
+    curriculum of a stage-1 stage and, when the captioner is a stage-2 model, a stage-2 stage.
 
     Raises:
         SpecError: the spec is invalid or lacks what the benchmark needs.
@@ -49,8 +50,9 @@ def load_curate_benchmark_spec(path: str, overrides: list[str]) -> JobSpec:
     job = load_spec(path, JobSpec, overrides)
     if job.prep is None or job.curate is None or not job.is_training:
         raise SpecError(f"{path}: the curate benchmark needs prep and curate sections and a training job")
-    if [stage.objective for stage in job.stages] != [1, 2]:
-        raise SpecError(f"{path}: stages: the curate benchmark needs a stage-1 then a stage-2 stage")
+    if [stage.objective for stage in job.stages] not in ([1], [1, 2]):
+        raise SpecError(f"{path}: stages: the curate benchmark needs a stage-1 stage, then at most a "
+                        "stage-2 stage (for a captioner that captions through the LLM)")
     if job.curate.captioner is None or job.curate.ranker is None:
         raise SpecError(f"{path}: curate: the benchmark needs a captioner and a ranker")
     for split in (NOISY, TEST):
@@ -59,7 +61,7 @@ def load_curate_benchmark_spec(path: str, overrides: list[str]) -> JobSpec:
 
 
 def _runs(job: JobSpec) -> dict[str, JobSpec]:
-    """The three training jobs: ``noisy`` (both stages), ``curated`` and ``clean`` (stage 1)."""
+    """The three training jobs: ``noisy`` (every stage), ``curated`` and ``clean`` (stage 1)."""
     data = {"noisy": split_prep(job.prep, NOISY).output, "curated": job.curate.output,
             "clean": job.prep.output}
     return {

@@ -1,5 +1,5 @@
-"""Synthetic captions: K per image by nucleus sampling, from our stage-2 model or a transformers
-image-to-text model. Each image's captions are sampled from a seed of (``captioner.seed``, its
+"""Synthetic captions: K per image by nucleus sampling, from our stage-2 model (through its LLM),
+our stage-1 model (its ITG head) or a transformers image-to-text model. Each image's captions are sampled from a seed of (``captioner.seed``, its
 key) alone (``pipeline.model.generate.SeededNucleusSampling``), so a rerun, or a run with other
 batches, writes the same captions."""
 
@@ -10,7 +10,7 @@ import hashlib
 import torch
 
 from pipeline.curate.sources import PixelBatcher, decode_rgb, our_checkpoint, transformers_name
-from pipeline.model.generate import DecodingSpec, generate_captions
+from pipeline.model.generate import DecodingSpec, generate_captions, generate_itg_captions
 from pipeline.spec.curate import CaptionerSpec
 from pipeline.spec.storage import StorageSpec
 
@@ -28,16 +28,21 @@ def decoding_of(spec: CaptionerSpec) -> DecodingSpec:
 
 
 class OwnCaptioner:
-    """Captions with a stage-2 checkpoint of this pipeline (its Q-Former as the frozen LLM's
-    visual prompt; ``pipeline.model.generate``)."""
+    """Captions with a checkpoint of this pipeline: of stage 2 through the frozen LLM (its
+    Q-Former as the visual prompt), of stage 1 with the Q-Former's own image-grounded text
+    decoder, the ITG head (BLIP's captioner is such a decoder); ``pipeline.model.generate``."""
 
     def __init__(self, checkpoint, spec: CaptionerSpec, device: torch.device):
         from pipeline.checkpoint.rebuild import load_trained_model
-        from pipeline.model import build_llm_tokenizer, image_preprocessing
+        from pipeline.model import build_llm_tokenizer, build_qformer_tokenizer, image_preprocessing
 
         self.spec, self.device = spec, device
         self.model = load_trained_model(checkpoint).to(device)
-        self.tokenizer = build_llm_tokenizer(checkpoint.model_spec.llm)
+        if checkpoint.objective == 2:
+            self.tokenizer, self.generate = build_llm_tokenizer(checkpoint.model_spec.llm), generate_captions
+        else:
+            self.tokenizer = build_qformer_tokenizer(checkpoint.model_spec.qformer)
+            self.generate = generate_itg_captions
         self.pixels = PixelBatcher(image_preprocessing(checkpoint.model_spec.vision))
         self.decoding = decoding_of(spec)
 
@@ -46,7 +51,7 @@ class OwnCaptioner:
         """K captions for each image (prepared JPEG bytes)."""
         pixel_values = self.pixels(images).to(self.device)  # (B, 3, S, S)
         seeds = [image_seed(self.spec.seed, key) for key in keys]
-        flat = generate_captions(self.model, self.tokenizer, pixel_values, self.decoding, seeds=seeds)
+        flat = self.generate(self.model, self.tokenizer, pixel_values, self.decoding, seeds=seeds)
         k = self.spec.captions
         return [flat[i * k : (i + 1) * k] for i in range(len(images))]
 
@@ -95,10 +100,9 @@ def build_captioner(spec: CaptionerSpec, storage: StorageSpec, device: torch.dev
     """The captioner ``spec`` names.
 
     Raises:
-        CurateModelError: a checkpoint that is not of stage 2.
         CheckpointError: an unusable checkpoint.
     """
-    checkpoint = our_checkpoint(spec.model, spec.kind, spec.stage, storage, 2, "captioner")
+    checkpoint = our_checkpoint(spec.model, spec.kind, spec.stage, storage, (1, 2), "captioner")
     if checkpoint is not None:
         return OwnCaptioner(checkpoint, spec, device)
     return TransformersCaptioner(spec.model, spec, device)

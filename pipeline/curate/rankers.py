@@ -111,7 +111,7 @@ def build_ranker(spec: RankerSpec, storage: StorageSpec, device: torch.device):
         CurateModelError: a checkpoint that is not of stage 1.
         CheckpointError: an unusable checkpoint.
     """
-    checkpoint = our_checkpoint(spec.model, spec.kind, spec.stage, storage, 1, "ranker")
+    checkpoint = our_checkpoint(spec.model, spec.kind, spec.stage, storage, (1,), "ranker")
     if checkpoint is not None:
         return OwnRanker(checkpoint, spec, device)
     return TransformersRanker(spec.model, spec, device)

@@ -110,10 +110,10 @@ def _check_models(spec: CurateSpec) -> None:
 
     from pipeline.curate.sources import our_checkpoint, transformers_name
 
-    for field, model, objective in (("captioner", spec.captioner, 2), ("ranker", spec.ranker, 1)):
+    for field, model, objectives in (("captioner", spec.captioner, (1, 2)), ("ranker", spec.ranker, (1,))):
         if model is None:
             continue
-        if our_checkpoint(model.model, model.kind, model.stage, spec.storage, objective, field) is None:
+        if our_checkpoint(model.model, model.kind, model.stage, spec.storage, objectives, field) is None:
             try:
                 AutoConfig.from_pretrained(transformers_name(model.model))
             except (OSError, ValueError) as err:

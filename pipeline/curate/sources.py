@@ -30,11 +30,14 @@ class CurateModelError(UsageError, ValueError):
 
 
 def our_checkpoint(model: str, kind: ModelKind, stage: str | None, storage: StorageSpec,
-                   objective: int, field: str) -> TrainedCheckpoint | None:
+                   objectives: tuple[int, ...], field: str) -> TrainedCheckpoint | None:
     """The training checkpoint ``model`` names, or None when it is a transformers model.
 
+    Args:
+        objectives: The stages (objectives) whose checkpoints the ``field`` model can be.
+
     Raises:
-        CurateModelError: a checkpoint of the wrong objective, or ``kind: checkpoint`` for
+        CurateModelError: a checkpoint of another objective, or ``kind: checkpoint`` for
             something that is not one.
     """
     if kind == "transformers":
@@ -43,10 +46,10 @@ def our_checkpoint(model: str, kind: ModelKind, stage: str | None, storage: Stor
     if kind == "auto" and not any(exists(location.child(name)) for name in (METADATA, COMPLETE, SUMMARY)):
         return None
     checkpoint = find_checkpoint(location, stage)
-    if checkpoint.objective != objective:
+    if checkpoint.objective not in objectives:
         raise CurateModelError(
             f"{field}.model: {checkpoint.location.url} is a stage-{checkpoint.objective} checkpoint; "
-            f"the {field} needs one of stage {objective}")
+            f"the {field} needs one of stage {' or '.join(map(str, objectives))}")
     return checkpoint
 
 

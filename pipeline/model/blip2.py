@@ -385,6 +385,12 @@ class Blip2Pretrainer(nn.Module):
         ).last_hidden_state  # (B, Q + T, H)
         return hidden[:, :num_queries], self.lm_head(hidden[:, num_queries:])
 
+    def next_token_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The image-grounded text decoder (ITG) as a captioner: (B, P, D) ``encode_image``
+        tokens and (B, T) ``[CLS]`` + caption so far -> (B, V) logits of the next caption token."""
+        _, logits = self._generative_pass(image_embeds, input_ids, torch.ones_like(input_ids))  # (B, T, V)
+        return logits[:, -1]
+
     def _matching_logits(
         self,
         image_embeds: torch.Tensor,

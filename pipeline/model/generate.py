@@ -1,10 +1,14 @@
-"""Caption generation with a stage-2 model: the Q-Former's queries as a soft prompt of the frozen LLM.
+"""Caption generation, by a stage-2 model through the frozen LLM or by a stage-1 model's own
+image-grounded text decoder.
 
-As in BLIP-2 (LAVIS ``blip2_opt.generate``): the projected query outputs come first, then the
-LLM's own leading special tokens and an optional text prompt, exactly as the training captions
+Stage 2, as in BLIP-2 (LAVIS ``blip2_opt.generate``): the projected query outputs come first, then
+the LLM's own leading special tokens and an optional text prompt, exactly as the training captions
 were tokenized (``pipeline.data.tokenize``); the LLM continues greedily or with beam search until
 its end-of-text token, or samples several captions per image (nucleus sampling, as BLIP's
 CapFilt). Decoding runs through transformers' ``generate(inputs_embeds=...)``.
+
+Stage 1: the Q-Former's ITG head reads ``[DEC]`` and the caption so far while its queries see the
+image (BLIP's captioner is such a decoder), greedily or by the same nucleus sampling.
 """
 
 from __future__ import annotations
@@ -208,3 +212,57 @@ def _shared_prompt_cache(language_model, inputs_embeds: torch.Tensor, copies: in
                    logits_to_keep=1)  # fills the cache: (B, Q + P - 1) positions
     cache.batch_repeat_interleave(copies)  # (B * K, Q + P - 1) positions
     return {"past_key_values": cache}
+
+
+@torch.no_grad()
+def generate_itg_captions(
+    model: Blip2Pretrainer,
+    tokenizer: PreTrainedTokenizerBase,
+    pixel_values: torch.Tensor,
+    decoding: DecodingSpec = DecodingSpec(),
+    *,
+    seeds: Sequence[int] | None = None,
+) -> list[str]:
+    """Caption a batch of images with a stage-1 model's image-grounded text decoder (ITG head).
+
+    transformers' ``generate`` needs a ``GenerationMixin`` model, and this decoder is the
+    Q-Former under a UniLM mask, so the loop is here: each step runs the whole caption so far
+    (at most ``max_new_tokens`` tokens after ``[DEC]``) and stops at ``[SEP]``.
+
+    Args:
+        model: A stage-1 model (``Blip2Pretrainer(spec, objective=1)`` with trained weights).
+        tokenizer: The Q-Former's tokenizer (``pipeline.model.build_qformer_tokenizer``).
+        pixel_values: (B, 3, H, W) images normalised as in training.
+        decoding: Greedy or nucleus sampling (no beam search), length limit and prompt.
+        seeds: When sampling, one seed per image, as for :func:`generate_captions` (None draws
+            them from torch's global generator).
+
+    Returns:
+        ``B * num_return_sequences`` captions, image by image, the prompt removed.
+    """
+    if model.objective != 1:
+        raise ValueError("ITG captioning needs a model of objective 1 (one with the ITG head)")
+    if decoding.num_beams != 1:
+        raise ValueError("ITG captioning is greedy or sampled, not beam search")
+    copies = decoding.num_return_sequences if decoding.do_sample else 1
+    image_embeds = model.encode_image(pixel_values).repeat_interleave(copies, dim=0)  # (R, P, D), R = B * K
+    rows, device = image_embeds.shape[0], image_embeds.device
+    prompt = tokenizer(decoding.prompt, add_special_tokens=False)["input_ids"] if decoding.prompt else []
+    ids = torch.tensor([tokenizer.cls_token_id] + prompt, device=device).repeat(rows, 1)  # (R, 1 + P)
+    sampler = None
+    if decoding.do_sample:
+        if seeds is None:
+            seeds = torch.randint(2**62, (pixel_values.shape[0],)).tolist()
+        sampler = SeededNucleusSampling(sampled_rows(seeds, copies), decoding.top_p, decoding.temperature)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)  # (R,)
+    for _ in range(decoding.max_new_tokens):
+        scores = model.next_token_logits(image_embeds, ids).float()  # (R, V)
+        if sampler is not None:
+            scores = sampler(ids, scores)  # (R, V): 0 at the drawn token, -inf elsewhere
+        token = scores.argmax(dim=-1).masked_fill(finished, tokenizer.pad_token_id)  # (R,)
+        ids = torch.cat([ids, token[:, None]], dim=1)  # (R, T + 1)
+        finished |= token == tokenizer.sep_token_id
+        if bool(finished.all()):
+            break
+    captions = ids[:, 1 + len(prompt):]  # (R, T_new)
+    return [text.strip() for text in tokenizer.batch_decode(captions, skip_special_tokens=True)]

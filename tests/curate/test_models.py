@@ -79,7 +79,7 @@ def test_a_transformers_rankers_score_is_the_cosine_of_its_embeddings(models, na
     assert np.allclose(got, cosine.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["stage2", "blip"])
+@pytest.mark.parametrize("name", ["stage2", "stage1", "blip"])
 def test_captioners_sample_k_captions_per_image_from_its_key_alone(models, name):
     spec = CaptionerSpec(model=str(models[name]), captions=3, max_new_tokens=5, seed=4)
     captioner = build_captioner(spec, STORAGE, CPU)
@@ -99,8 +99,18 @@ def test_a_captioner_prompt_is_removed_from_its_captions(models):
     assert all(not c.startswith("a photo of") for group in captions for c in group)
 
 
+def test_a_stage1_captioner_samples_with_its_itg_head_and_a_tiny_nucleus_is_its_greedy_caption(models):
+    from pipeline.model.generate import DecodingSpec, generate_itg_captions
+
+    spec = CaptionerSpec(model=str(models["stage1"]), captions=3, max_new_tokens=5, top_p=1e-9)
+    captioner = build_captioner(spec, STORAGE, CPU)
+    data = images(2)
+    pixel_values = captioner.pixels(data)  # (B, 3, S, S)
+    greedy = generate_itg_captions(captioner.model, captioner.tokenizer, pixel_values, DecodingSpec(max_new_tokens=5))
+    assert captioner(data, ["k0", "k1"]) == [[greedy[0]] * 3, [greedy[1]] * 3]
+    assert all(greedy), "the random ITG head should write some tokens"
+
+
 def test_a_checkpoint_of_the_wrong_stage_is_one_clear_error(models):
-    with pytest.raises(CurateModelError, match="captioner.model: .* is a stage-1 checkpoint; the captioner needs one of stage 2"):
-        build_captioner(CaptionerSpec(model=str(models["stage1"])), STORAGE, CPU)
     with pytest.raises(CurateModelError, match="ranker needs one of stage 1"):
         build_ranker(RankerSpec(model=str(models["stage2"]), kind="checkpoint"), STORAGE, CPU)

@@ -22,11 +22,23 @@ def test_the_runs_train_on_the_noisy_curated_and_clean_splits_with_the_same_stag
         "noisy": "data/bench-curate/prepared/train-noisy", "curated": "data/bench-curate/curated",
         "clean": "data/bench-curate/prepared/train"}
     assert job.curate.input == split_prep(job.prep, "train-noisy").output
+    assert runs["noisy"].stages == runs["curated"].stages == runs["clean"].stages == job.stages
+    # CapFilt uses the noisy run's own model: its stage folder (the final checkpoint) ranks with
+    # ITC and captions with its ITG head.
+    assert job.curate.captioner.model == job.curate.ranker.model == f"{job.run.storage}/{runs['noisy'].run.name}/stage1"
+
+
+def test_a_stage_two_captioner_is_trained_by_the_noisy_run_only(tmp_path):
+    raw = yaml.safe_load(SPEC.read_text())
+    raw["stages"].append({"name": "stage2", "losses": {"lm": 1.0}, "steps": 5, "batch_size": 2,
+                          "init_from": "stage1", "optimizer": {"lr": 1e-4}})
+    raw["curate"]["captioner"]["model"] = "runs/bench-curate-noisy/stage2"
+    spec = tmp_path / "with_stage2.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    job = load_curate_benchmark_spec(str(spec), [])
+    runs = _runs(job)
     assert [s.name for s in runs["noisy"].stages] == ["stage1", "stage2"]
     assert runs["curated"].stages == runs["clean"].stages == job.stages[:1]
-    # CapFilt uses the noisy run's own models: its stage folders (their final checkpoints).
-    assert job.curate.captioner.model == f"{job.run.storage}/{runs['noisy'].run.name}/stage2"
-    assert job.curate.ranker.model == f"{job.run.storage}/{runs['noisy'].run.name}/stage1"
 
 
 def test_a_spec_without_curate_models_or_stages_is_refused(tmp_path, capsys):
@@ -38,8 +50,8 @@ def test_a_spec_without_curate_models_or_stages_is_refused(tmp_path, capsys):
         load_curate_benchmark_spec(str(bad), [])
     assert main(["bench", "curate", "--spec", str(bad)]) == 2
     assert "needs a captioner and a ranker" in capsys.readouterr().err
-    with pytest.raises(SpecError, match="a stage-1 then a stage-2 stage"):
-        load_curate_benchmark_spec(str(SPEC), ["stages.1.losses={itc: 1.0}"])
+    with pytest.raises(SpecError, match="needs a stage-1 stage, then at most a stage-2 stage"):
+        load_curate_benchmark_spec(str(SPEC), ["stages.0.losses={lm: 1.0}"])
     assert main(["bench", "curate", "--noise", "1.5"]) == 2
 
 
