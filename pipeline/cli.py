@@ -158,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
                               help="fraction of the training captions replaced by wrong ones (default 0.5)")
     bench_curate.add_argument("--fresh", action="store_true",
                               help="delete the benchmark's runs, noisy and curated corpora first (else reused)")
+    _verbose_argument(bench_curate)
     bench_curate.set_defaults(handler=_bench_curate)
     _export_command(commands)
     return parser
@@ -515,15 +516,17 @@ def _export(args) -> int:
 
 
 def _bench_curate(args) -> int:
-    from pipeline.bench.curate import run_curate_benchmark
+    from pipeline.bench.curate import load_curate_benchmark_spec, run_curate_benchmark
     from pipeline.eval.heldout import EvalError
 
     if not 0 < args.noise < 1:
         raise SpecError("--noise: must be between 0 and 1")
-    try:
-        results = run_curate_benchmark(args.spec, args.overrides, noise=args.noise, fresh=args.fresh)
-    except EvalError as err:  # the benchmark's own evaluation failed after training: exit 1, not 2
-        raise QformerError(str(err)) from None
+    job = load_curate_benchmark_spec(args.spec, args.overrides)
+    with _logged(args, Location.of(job.run.storage).child(f"{job.run.name}-report"), "bench-curate"):
+        try:
+            results = run_curate_benchmark(args.spec, args.overrides, noise=args.noise, fresh=args.fresh)
+        except EvalError as err:  # the benchmark's own evaluation failed after training: exit 1, not 2
+            raise QformerError(str(err)) from None
     return 0 if all(results["passed"].values()) else EXIT_FAILED
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.bench.quality import LoadMonitor, split_prep
+from pipeline.console import console
 from pipeline.data.prepared import KEPT, MANIFEST, WEB, read_rows
 from pipeline.io.pictures import write_png
 from pipeline.io.storage import Location, exists, read_bytes, write_bytes_atomic
@@ -99,11 +100,11 @@ def run_curate_benchmark(spec_path: str, overrides: list[str], *, noise: float =
     for name in ("noisy", "curated", "clean"):
         if name == "curated":
             mark = time.monotonic()
-            log.info("bench curate: CapFilt over the noisy corpus with the noisy run's own models")
+            console().say("bench curate: CapFilt over the noisy corpus with the noisy run's own models")
             curate_manifest = run_curate(job.curate, ray_address=job.run.ray_address)
             times["curate_s"] = time.monotonic() - mark
         mark = time.monotonic()
-        log.info("bench curate: training on the %s corpus", name)
+        console().say(f"bench curate: training on the {name} corpus")
         summaries[name] = run_training(runs[name])
         times[f"train_{name}_s"] = time.monotonic() - mark
 
@@ -164,7 +165,7 @@ def _evaluate(job: JobSpec, summaries: dict[str, dict]) -> tuple[dict[str, float
     test = split_prep(job.prep, TEST).output
     accuracies, evals = {}, {}
     for name, summary in summaries.items():
-        log.info("bench curate: evaluating the %s run's stage 1 on the whole test split", name)
+        console().say(f"bench curate: evaluating the {name} run's stage 1 on the whole test split")
         report = run_eval(EvalRequest(checkpoint=summary["stages"][0]["checkpoint"], data=[test], itm_top_k=0,
                                       ray_address=job.run.ray_address))
         accuracies[name] = report["metrics"]["caption_accuracy"]
@@ -300,29 +301,30 @@ def _sheet(outcome: list[dict], noisy: Location, out: Location, count: int = 16)
 
 
 def _print(results: dict) -> None:
+    say = console().say
     metrics, accuracy = results["metrics"], results["accuracy"]
-    print(f"\ncurate benchmark: easy-VQA train split with {results['noise']:.0%} of captions wrong "
+    say(f"curate benchmark: easy-VQA train split with {results['noise']:.0%} of captions wrong "
           f"({metrics['wrong_web_captions']} of {metrics['samples']}), CapFilt by the noisy run's own models:")
     for name in ("filter_precision", "filter_recall"):
         target = results["targets"][name]
-        print(f"  {name:22s} {metrics[name]:.4f}  (target >= {target}: {'PASS' if metrics[name] >= target else 'FAIL'})")
-    print(f"  kept caption right     {metrics['right_before']:.4f} before -> {metrics['right_after']:.4f} after "
+        say(f"  {name:22s} {metrics[name]:.4f}  (target >= {target}: {'PASS' if metrics[name] >= target else 'FAIL'})")
+    say(f"  kept caption right     {metrics['right_before']:.4f} before -> {metrics['right_after']:.4f} after "
           f"(all kept captions: {metrics['kept_captions_right']:.4f}; {metrics['mean_captions_kept']:.2f} per image; "
           f"{metrics['images_kept']:.3f} of the images kept)")
-    print(f"  test caption accuracy  noisy {accuracy['noisy']:.4f} | curated {accuracy['curated']:.4f} | "
+    say(f"  test caption accuracy  noisy {accuracy['noisy']:.4f} | curated {accuracy['curated']:.4f} | "
           f"clean {accuracy['clean']:.4f}")
     target = results["targets"]["gap_closed"]
-    print(f"  gap closed             {metrics['gap_closed']:.3f}  (target >= {target}: "
+    say(f"  gap closed             {metrics['gap_closed']:.3f}  (target >= {target}: "
           f"{'PASS' if metrics['gap_closed'] >= target else 'FAIL'})")
     phases = results["curation"]["phases"]
-    print("  curation throughput    " + ", ".join(
+    say("  curation throughput    " + ", ".join(
         f"{name} {p['images_per_s_per_cpu']} images/s per CPU core ({p['images']} images)"
         for name, p in phases.items() if p.get("images_per_s_per_cpu")))
     times = results["wall_time_s"]
     verdict = "PASS" if results["passed"]["time_budget"] else "FAIL"
-    print(f"  wall time {times['total_s']:.0f}s (" + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in times.items()
+    say(f"  wall time {times['total_s']:.0f}s (" + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in times.items()
                                                          if k != "total_s") +
           f"; budget {TIME_BUDGET_S}s: {verdict}) on {results['machine']['cpus']} CPUs, 1-minute load average "
           f"{results['machine']['load_average_1m_mean']} on average, {results['machine']['load_average_1m_max']} at most")
-    print(f"  curves: {results['curves']}; sheet: {results['sheet']['html']}, {results['sheet']['png']}; "
+    say(f"  curves: {results['curves']}; sheet: {results['sheet']['html']}, {results['sheet']['png']}; "
           f"results: {results['results_json']}")

@@ -372,24 +372,31 @@ class Blip2Pretrainer(nn.Module):
     def _generative_pass(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries + ``[DEC]`` caption under the UniLM mask -> query outputs and ITG logits."""
-        num_queries = self.num_query_tokens
+        """Queries + ``[DEC]`` caption under the UniLM mask -> (B, Q, H) query outputs and
+        (B, T, V) ITG logits."""
+        hidden = self._generative_hidden(image_embeds, input_ids, attention_mask)  # (B, Q + T, H)
+        return hidden[:, : self.num_query_tokens], self.lm_head(hidden[:, self.num_query_tokens :])
+
+    def _generative_hidden(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, P, D) image tokens, (B, T) caption ids and mask -> (B, Q + T, H) last-layer
+        outputs of the queries and of ``[DEC]`` + caption under the UniLM mask."""
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.dec_token_id
         queries = self._queries(input_ids.shape[0])  # (B, Q, H)
-        hidden = self.qformer(
+        return self.qformer(
             query_embeds=self.embeddings(input_ids=decoder_ids, query_embeds=queries),
-            query_length=num_queries,
-            attention_mask=unilm_attention_mask(attention_mask, num_queries),
+            query_length=self.num_query_tokens,
+            attention_mask=unilm_attention_mask(attention_mask, self.num_query_tokens),
             encoder_hidden_states=image_embeds,
-        ).last_hidden_state  # (B, Q + T, H)
-        return hidden[:, :num_queries], self.lm_head(hidden[:, num_queries:])
+        ).last_hidden_state
 
     def next_token_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The image-grounded text decoder (ITG) as a captioner: (B, P, D) ``encode_image``
         tokens and (B, T) ``[CLS]`` + caption so far -> (B, V) logits of the next caption token."""
-        _, logits = self._generative_pass(image_embeds, input_ids, torch.ones_like(input_ids))  # (B, T, V)
-        return logits[:, -1]
+        hidden = self._generative_hidden(image_embeds, input_ids, torch.ones_like(input_ids))  # (B, Q + T, H)
+        return self.lm_head(hidden[:, -1])  # (B, V)
 
     def _matching_logits(
         self,

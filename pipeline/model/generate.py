@@ -245,21 +245,28 @@ def generate_itg_captions(
     if decoding.num_beams != 1:
         raise ValueError("ITG captioning is greedy or sampled, not beam search")
     copies = decoding.num_return_sequences if decoding.do_sample else 1
-    image_embeds = model.encode_image(pixel_values).repeat_interleave(copies, dim=0)  # (R, P, D), R = B * K
-    rows, device = image_embeds.shape[0], image_embeds.device
+    image_embeds = model.encode_image(pixel_values)  # (B, P, D)
+    device = image_embeds.device
+    image_of_row = torch.arange(image_embeds.shape[0], device=device).repeat_interleave(copies)  # (R,), R = B * K
     prompt = tokenizer(decoding.prompt, add_special_tokens=False)["input_ids"] if decoding.prompt else []
-    ids = torch.tensor([tokenizer.cls_token_id] + prompt, device=device).repeat(rows, 1)  # (R, 1 + P)
+    ids = torch.tensor([tokenizer.cls_token_id] + prompt, device=device).repeat(len(image_of_row), 1)  # (R, 1 + P)
     sampler = None
     if decoding.do_sample:
         if seeds is None:
             seeds = torch.randint(2**62, (pixel_values.shape[0],)).tolist()
         sampler = SeededNucleusSampling(sampled_rows(seeds, copies), decoding.top_p, decoding.temperature)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)  # (R,)
+    finished = torch.zeros(len(image_of_row), dtype=torch.bool, device=device)  # (R,)
     for _ in range(decoding.max_new_tokens):
-        scores = model.next_token_logits(image_embeds, ids).float()  # (R, V)
+        # The K rows of an image mostly share their prefix (all of it at the first steps): each
+        # distinct (image, prefix) runs once, which made K = 10 cost little more than K = 1.
+        distinct, row_of = torch.unique(torch.cat([image_of_row[:, None], ids], dim=1), dim=0,
+                                        return_inverse=True)  # (U, 1 + T), (R,)
+        scores = model.next_token_logits(image_embeds[distinct[:, 0]], distinct[:, 1:]).float()[row_of]  # (R, V)
+        scores[finished] = -torch.inf  # a finished row writes padding; its (flat) nucleus is not drawn from
+        scores[finished, tokenizer.pad_token_id] = 0.0
         if sampler is not None:
             scores = sampler(ids, scores)  # (R, V): 0 at the drawn token, -inf elsewhere
-        token = scores.argmax(dim=-1).masked_fill(finished, tokenizer.pad_token_id)  # (R,)
+        token = scores.argmax(dim=-1)  # (R,)
         ids = torch.cat([ids, token[:, None]], dim=1)  # (R, T + 1)
         finished |= token == tokenizer.sep_token_id
         if bool(finished.all()):
