@@ -1,7 +1,8 @@
 """Synthetic captions: K per image by nucleus sampling, from our stage-2 model (through its LLM),
-our stage-1 model (its ITG head) or a transformers image-to-text model. Each image's captions are sampled from a seed of (``captioner.seed``, its
-key) alone (``pipeline.model.generate.SeededNucleusSampling``), so a rerun, or a run with other
-batches, writes the same captions."""
+our stage-1 model (its ITG head) or a transformers image-to-text model. Each image's captions are
+sampled from a seed of (``captioner.seed``, its key) alone
+(``pipeline.model.generate.SeededNucleusSampling``), so a rerun, or a run with other batches,
+writes the same captions."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class OwnCaptioner:
         self.spec, self.device = spec, device
         self.model = load_trained_model(checkpoint).to(device)
         if checkpoint.objective == 2:
-            self.tokenizer, self.generate = build_llm_tokenizer(checkpoint.model_spec.llm), generate_captions
+            self.tokenizer = build_llm_tokenizer(checkpoint.model_spec.llm)
+            self.generate = generate_captions
         else:
             self.tokenizer = build_qformer_tokenizer(checkpoint.model_spec.qformer)
             self.generate = generate_itg_captions
