@@ -304,18 +304,18 @@ def _print(results: dict) -> None:
     say = console().say
     metrics, accuracy = results["metrics"], results["accuracy"]
     say(f"curate benchmark: easy-VQA train split with {results['noise']:.0%} of captions wrong "
-          f"({metrics['wrong_web_captions']} of {metrics['samples']}), CapFilt by the noisy run's own models:")
+        f"({metrics['wrong_web_captions']} of {metrics['samples']}), CapFilt by the noisy run's own models:")
     for name in ("filter_precision", "filter_recall"):
         target = results["targets"][name]
         say(f"  {name:22s} {metrics[name]:.4f}  (target >= {target}: {'PASS' if metrics[name] >= target else 'FAIL'})")
     say(f"  kept caption right     {metrics['right_before']:.4f} before -> {metrics['right_after']:.4f} after "
-          f"(all kept captions: {metrics['kept_captions_right']:.4f}; {metrics['mean_captions_kept']:.2f} per image; "
-          f"{metrics['images_kept']:.3f} of the images kept)")
+        f"(all kept captions: {metrics['kept_captions_right']:.4f}; {metrics['mean_captions_kept']:.2f} per image; "
+        f"{metrics['images_kept']:.3f} of the images kept)")
     say(f"  test caption accuracy  noisy {accuracy['noisy']:.4f} | curated {accuracy['curated']:.4f} | "
-          f"clean {accuracy['clean']:.4f}")
+        f"clean {accuracy['clean']:.4f}")
     target = results["targets"]["gap_closed"]
     say(f"  gap closed             {metrics['gap_closed']:.3f}  (target >= {target}: "
-          f"{'PASS' if metrics['gap_closed'] >= target else 'FAIL'})")
+        f"{'PASS' if metrics['gap_closed'] >= target else 'FAIL'})")
     phases = results["curation"]["phases"]
     say("  curation throughput    " + ", ".join(
         f"{name} {p['images_per_s_per_cpu']} images/s per CPU core ({p['images']} images)"
@@ -323,8 +323,8 @@ def _print(results: dict) -> None:
     times = results["wall_time_s"]
     verdict = "PASS" if results["passed"]["time_budget"] else "FAIL"
     say(f"  wall time {times['total_s']:.0f}s (" + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in times.items()
-                                                         if k != "total_s") +
-          f"; budget {TIME_BUDGET_S}s: {verdict}) on {results['machine']['cpus']} CPUs, 1-minute load average "
-          f"{results['machine']['load_average_1m_mean']} on average, {results['machine']['load_average_1m_max']} at most")
+                                                       if k != "total_s") +
+        f"; budget {TIME_BUDGET_S}s: {verdict}) on {results['machine']['cpus']} CPUs, 1-minute load average "
+        f"{results['machine']['load_average_1m_mean']} on average, {results['machine']['load_average_1m_max']} at most")
     say(f"  curves: {results['curves']}; sheet: {results['sheet']['html']}, {results['sheet']['png']}; "
-          f"results: {results['results_json']}")
+        f"results: {results['results_json']}")

@@ -41,9 +41,7 @@ def choose(scores: np.ndarray, spec: SelectSpec) -> list[int]:
     """Indexes of the kept candidates, best first: the top ``keep`` among those scoring at least
     ``min_score``, the web caption (``scores[0]``, as :class:`Candidates` orders them) ranked as
     if it scored ``web_margin`` more (ties: the earlier candidate, so the web caption, first)."""
-    bonus = np.zeros(len(scores))
-    bonus[:1] = spec.web_margin
-    ranked = sorted(range(len(scores)), key=lambda i: (-(float(scores[i]) + bonus[i]), i))
+    ranked = sorted(range(len(scores)), key=lambda i: (-(float(scores[i]) + (spec.web_margin if i == 0 else 0.0)), i))
     if spec.min_score is not None:
         ranked = [i for i in ranked if scores[i] >= spec.min_score]
     return ranked[: spec.keep]
