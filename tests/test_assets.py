@@ -90,3 +90,24 @@ def test_config_names_have_no_files_to_load():
         assets.resolve_tokenizer(assets.OPT_2_7B)
     with pytest.raises(assets.AssetError, match="unknown architecture 'config:nothing'"):
         assets.model_config("config:nothing")
+
+
+def test_smollm2_texts_start_as_its_pretraining_documents_do():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.resolve_tokenizer(assets.SMOLLM2))
+    ids = tokenizer("The cat sat on the mat and looked out of the window.").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == "<|endoftext|>" == tokenizer.bos_token
+    assert tokenizer.decode(ids, skip_special_tokens=True).startswith("The cat sat")
+    model = AutoModelForCausalLM.from_pretrained(assets.resolve_model(assets.SMOLLM2))
+    assert model.config.bos_token_id == ids[0]  # stage 2 keeps it out of the labels
+
+    # Why: SmolLM2 reads a text after <|endoftext|> as it was trained to (measured 2.70 vs 3.83).
+    def loss(tokens: list[int], scored_from: int) -> float:
+        labels = torch.tensor([tokens])
+        labels[:, :scored_from] = -100
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([tokens]), labels=labels).loss.item()
+
+    assert loss(ids, scored_from=2) < loss(ids[1:], scored_from=1) - 0.5

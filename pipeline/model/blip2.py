@@ -52,6 +52,10 @@ from pipeline.spec.losses import Objective, losses_of
 from pipeline.spec.model import ModelSpec
 
 
+LANGUAGE_PROJECTION_INIT_STD = 0.002
+"""Standard deviation of the fresh ``language_projection`` weights (its bias starts at 0)."""
+
+
 @dataclass
 class Stage1Output(ModelOutput):
     """Losses and intermediate tensors of one stage-1 step (B local pairs, N gathered pairs).
@@ -131,6 +135,7 @@ class Blip2Pretrainer(nn.Module):
         tower_weights: False builds the frozen towers from their configs alone, reading none of
             their weights; under ``torch.device("meta")`` (with ``qformer.init: random``) the
             model then costs nothing and gives its parameters' names and shapes.
+        qformer_dropout: The Q-Former's hidden and attention dropout; None keeps its BERT's.
 
     Example:
         >>> model = Blip2Pretrainer(spec, objective=1)
@@ -145,6 +150,7 @@ class Blip2Pretrainer(nn.Module):
         objective: Objective = 1,
         loss_weights: Mapping[str, float] | None = None,
         tower_weights: bool = True,
+        qformer_dropout: float | None = None,
     ):
         super().__init__()
         if objective not in (1, 2):
@@ -177,6 +183,7 @@ class Blip2Pretrainer(nn.Module):
             vision_width=vision_width(self.vision_model),
             vocab_size=vocab_size,
             text_input=objective == 1,
+            dropout=qformer_dropout,
         )
         self.query_tokens = nn.Parameter(
             torch.randn(1, q_spec.num_query_tokens, config.hidden_size) * config.initializer_range
@@ -195,6 +202,12 @@ class Blip2Pretrainer(nn.Module):
         else:
             llm_width = self.language_model.get_input_embeddings().embedding_dim
             self.language_projection = nn.Linear(config.hidden_size, llm_width)
+            # Faint first prompts (norm ~0.5 for query outputs of norm ~10, beside SmolLM2's
+            # token embeddings of ~3): the LLM starts from its captioning without the image and
+            # the projection grows into it. nn.Linear's own init (prompts of norm ~7) left stage 2
+            # at a loss of ~10 for 40-150 steps, as long as the draw of its weights decided.
+            nn.init.normal_(self.language_projection.weight, std=LANGUAGE_PROJECTION_INIT_STD)
+            nn.init.zeros_(self.language_projection.bias)
 
         if q_spec.init == "bert":
             copy_bert_weights(
@@ -477,9 +490,7 @@ class Blip2Pretrainer(nn.Module):
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=torch.cat([prompt_mask, llm_attention_mask], dim=1),
-            labels=language_model_labels(
-                llm_input_ids, llm_attention_mask, self.num_query_tokens, prompt_lengths
-            ),
+            labels=self.language_model_labels(llm_input_ids, llm_attention_mask, prompt_lengths),
             use_cache=False,
         )
         return Stage2Output(
@@ -487,6 +498,19 @@ class Blip2Pretrainer(nn.Module):
             loss_lm=out.loss,
             logits=out.logits,
             query_output=query_output,
+        )
+
+    def language_model_labels(
+        self,
+        llm_input_ids: torch.Tensor,
+        llm_attention_mask: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) LLM ids and mask -> (B, Q + T) the stage-2 labels (see
+        :func:`pipeline.model.losses.language_model_labels`), the LLM's begin-of-text input only."""
+        return language_model_labels(
+            llm_input_ids, llm_attention_mask, self.num_query_tokens, prompt_lengths,
+            bos_token_id=self.language_model.config.bos_token_id,
         )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -179,19 +179,28 @@ def language_model_labels(
     llm_attention_mask: torch.Tensor,
     num_queries: int,
     prompt_lengths: torch.Tensor | None = None,
+    *,
+    bos_token_id: int | None = None,
 ) -> torch.Tensor:
     """Labels of the stage-2 LLM input ``[query slots] + caption``, unshifted.
 
     Args:
-        llm_input_ids: (B, T) LLM token ids of (optional prompt +) caption + eos, right-padded.
+        llm_input_ids: (B, T) LLM token ids of (begin-of-text +) (prompt +) caption + eos,
+            right-padded.
         llm_attention_mask: (B, T) 1 for tokens, 0 for padding.
         num_queries: Number Q of visual prompt slots placed before the tokens.
         prompt_lengths: (B,) number of leading prompt tokens per row, or ``None``.
+        bos_token_id: The LLM's begin-of-text token: where a row starts with it, it is input
+            only. Asking the LLM to predict it after the visual prompt (to start a new document
+            there) slowed stage 2 down several-fold.
 
     Returns:
-        (B, Q + T) the token ids, with :data:`IGNORE_INDEX` on query slots, prompt and padding.
+        (B, Q + T) the token ids, with :data:`IGNORE_INDEX` on query slots, a leading
+        begin-of-text, the prompt and padding.
     """
     labels = llm_input_ids.masked_fill(llm_attention_mask == 0, IGNORE_INDEX)  # (B, T)
+    if bos_token_id is not None:
+        labels[:, 0] = labels[:, 0].masked_fill(labels[:, 0] == bos_token_id, IGNORE_INDEX)
     if prompt_lengths is not None:
         positions = torch.arange(labels.shape[1], device=labels.device)  # (T,)
         in_prompt = positions[None, :] < prompt_lengths.to(labels.device)[:, None]  # (B, T)

@@ -75,6 +75,7 @@ def qformer_config(
     vision_width: int,
     vocab_size: int,
     text_input: bool,
+    dropout: float | None = None,
 ) -> Blip2QFormerConfig:
     """Build the ``Blip2QFormerConfig`` for a BERT-shaped Q-Former.
 
@@ -84,6 +85,7 @@ def qformer_config(
         vision_width: Width of the image tokens the cross-attention reads.
         vocab_size: Caption vocabulary size, ``[DEC]`` included.
         text_input: Whether layers get the text feed-forward branch (stage 1 needs it).
+        dropout: Hidden and attention dropout; None keeps the BERT's.
     """
     return Blip2QFormerConfig(
         vocab_size=vocab_size,
@@ -92,8 +94,8 @@ def qformer_config(
         num_attention_heads=bert.num_attention_heads,
         intermediate_size=bert.intermediate_size,
         hidden_act=bert.hidden_act,
-        hidden_dropout_prob=bert.hidden_dropout_prob,
-        attention_probs_dropout_prob=bert.attention_probs_dropout_prob,
+        hidden_dropout_prob=bert.hidden_dropout_prob if dropout is None else dropout,
+        attention_probs_dropout_prob=bert.attention_probs_dropout_prob if dropout is None else dropout,
         max_position_embeddings=bert.max_position_embeddings,
         initializer_range=bert.initializer_range,
         layer_norm_eps=bert.layer_norm_eps,

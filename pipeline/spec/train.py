@@ -230,6 +230,12 @@ class StageSpec(SpecModel):
     """Micro-batch size per worker."""
     optimizer: OptimizerSpec = OptimizerSpec()
     augmentation: AugmentSpec = AugmentSpec()
+    qformer_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """Dropout of the Q-Former's hidden states and attention in this stage; None keeps its BERT's
+    (0.1). Stage 2 with a Q-Former whose queries give one vector per image (measured on the demo
+    corpus after stage 1) learns with 0: with dropout, the LLM is trained on prompts that the
+    noise makes diverse and is evaluated on identical ones (held-out caption loss 9.0 after 80
+    steps, 3.1 without dropout)."""
     checkpoint_every: int = Field(1000, ge=1)
     """Checkpoint every this many steps (and always at the end of the stage)."""
     log_every: int = Field(1, ge=1)

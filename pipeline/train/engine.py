@@ -55,7 +55,8 @@ def build_engine(job: JobSpec, stage: StageSpec, plan: StepPlan, *, folder: str 
     import deepspeed
 
     torch.manual_seed(init_seed(job.run.seed))
-    model = Blip2Pretrainer(job.model, objective=stage.objective, loss_weights=stage.losses)
+    model = Blip2Pretrainer(job.model, objective=stage.objective, loss_weights=stage.losses,
+                            qformer_dropout=stage.qformer_dropout)
     if saved is not None:
         model.load_trainable_state_dict(load_file(f"{folder}/{TRAINABLE}"))
     elif init_weights is not None:

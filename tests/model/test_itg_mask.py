@@ -84,3 +84,7 @@ def test_language_model_labels():
     labels = language_model_labels(ids, mask, num_queries=2, prompt_lengths=torch.tensor([1, 0]))
     x = IGNORE_INDEX
     assert labels.tolist() == [[x, x, x, 6, 7, 2], [x, x, 8, 9, 2, x]]
+    # A leading begin-of-text token is input only; the same id elsewhere stays a target.
+    ids = torch.tensor([[0, 6, 0, 2], [8, 9, 2, 0]])
+    labels = language_model_labels(ids, mask, num_queries=1, bos_token_id=0)
+    assert labels.tolist() == [[x, x, 6, 0, 2], [x, 8, 9, 2, x]]
