@@ -25,7 +25,7 @@ from pipeline.spec import JobSpec
 from pipeline.spec.train import StageSpec
 
 PREFIX = "eval_"
-SHOWN = ("caption_accuracy", "t2i_r1", "itm_accuracy", "exact_match", "token_f1", "caption_loss")
+SHOWN = ("caption_accuracy", "t2i_r1", "itm_accuracy", "exact_match", "token_f1", "caption_loss", "query_cosine")
 
 
 class PeriodicEval:

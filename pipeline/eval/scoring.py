@@ -1,7 +1,7 @@
 """What a model computes per held-out batch for evaluation (the Ray Data actors and the in-training
 hook both use these scorers; the metrics are computed afterwards from their outputs).
 
-Stage 1, per image: ITC scores against every gallery caption, its ITC top-k captions with their
+Both, per image: how alike its query outputs are (:func:`query_cosine`). Stage 1, per image: ITC scores against every gallery caption, its ITC top-k captions with their
 ITM match logits (for BLIP-2's re-ranking), and the ITM logits of (image, its caption) and of
 (image, its hardest wrong caption by ITC). Stage 2, per image: generated captions and the
 caption's summed token negative log-likelihood under the frozen LLM.
@@ -18,9 +18,19 @@ import torch.nn.functional as F
 from pipeline.eval.heldout import CaptionGallery
 from pipeline.model.blip2 import Blip2Pretrainer
 from pipeline.model.generate import DecodingSpec, generate_captions
-from pipeline.model.losses import IGNORE_INDEX, image_text_similarity, language_model_labels
+from pipeline.model.losses import IGNORE_INDEX, image_text_similarity
 
 _GALLERY_CHUNK = 256
+
+
+def query_cosine(query_output: torch.Tensor) -> torch.Tensor:
+    """(B, Q, H) query outputs -> (B,) mean cosine similarity of each image's Q(Q-1) pairs of
+    distinct queries: 1 when all Q queries give one vector (a collapsed visual prompt)."""
+    unit = F.normalize(query_output.float(), dim=-1)  # (B, Q, H)
+    cosines = unit @ unit.transpose(1, 2)  # (B, Q, Q)
+    queries = cosines.shape[1]
+    off_diagonal = cosines.sum(dim=(1, 2)) - cosines.diagonal(dim1=1, dim2=2).sum(dim=1)  # (B,)
+    return off_diagonal / max(queries * (queries - 1), 1)
 
 
 @dataclass(frozen=True)
@@ -67,16 +77,18 @@ class Stage1Scorer:
             captions: The B reference captions (each must be in the gallery).
 
         Returns:
-            ``gallery_index`` (B,), ``itc`` (B, C), and when ITM is on: ``candidates`` (B, k),
+            ``gallery_index`` (B,), ``itc`` (B, C), ``query_cosine`` (B,), and when ITM is on: ``candidates`` (B, k),
             ``candidate_match`` (B, k) match logits, ``positive_logits`` (B, 2),
             ``negative_index`` (B,) and ``negative_logits`` (B, 2).
         """
         model = self.model
         reference = torch.from_numpy(self.gallery.index_of(captions))  # (B,)
         image_embeds = model.encode_image(inputs["pixel_values"])  # (B, P, D)
-        image_feats = model.image_features(model.query_image(image_embeds)).float()  # (B, Q, E)
+        query_output = model.query_image(image_embeds)  # (B, Q, H)
+        image_feats = model.image_features(query_output).float()  # (B, Q, E)
         itc = image_text_similarity(image_feats, self.gallery_feats)  # (B, C)
-        out = {"gallery_index": reference.numpy(), "itc": itc.numpy()}
+        out = {"gallery_index": reference.numpy(), "itc": itc.numpy(),
+               "query_cosine": query_cosine(query_output).numpy()}
         if self.itm_top_k == 0:
             return out
         k = min(self.itm_top_k, itc.shape[1])
@@ -125,12 +137,13 @@ class Stage2Scorer:
 
         Returns:
             ``generated`` (B,) captions, ``beam_generated`` (B,) when beam search is on,
-            ``nll_sum`` (B,) summed caption token negative log-likelihoods, ``tokens`` (B,).
+            ``nll_sum`` (B,) summed caption token negative log-likelihoods, ``tokens`` (B,),
+            ``query_cosine`` (B,).
         """
         model, spec = self.model, self.spec
         out = model.forward_stage2(**inputs)
-        labels = language_model_labels(
-            inputs["llm_input_ids"], inputs["llm_attention_mask"], model.num_query_tokens
+        labels = model.language_model_labels(
+            inputs["llm_input_ids"], inputs["llm_attention_mask"]
         )[:, 1:]  # (B, Q + L - 1): the next token of every position
         nll = F.cross_entropy(
             out.logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
@@ -138,6 +151,7 @@ class Stage2Scorer:
         result = {
             "nll_sum": nll.sum(dim=1).numpy().astype(np.float64),
             "tokens": (labels != IGNORE_INDEX).sum(dim=1).numpy(),
+            "query_cosine": query_cosine(out.query_output).numpy(),
             "generated": np.array(self._generate(inputs, spec.decoding), dtype=object),
         }
         if spec.beam_decoding is not None:

@@ -27,6 +27,8 @@ DEFINITIONS = {
     "caption_loss": "mean next-token negative log-likelihood of the reference captions under the "
                     "frozen LLM with the visual prompt (no label smoothing)",
     "perplexity": "exp(caption_loss)",
+    "query_cosine": "mean cosine similarity between the query outputs of one image (pairs of "
+                    "distinct queries, averaged over images): 1 when the queries collapse to one vector",
 }
 
 
@@ -51,6 +53,7 @@ def stage1_metrics(outputs: dict[str, np.ndarray], gallery: CaptionGallery) -> d
         **{f"t2i_r{k}": v for k, v in t2i.items()},
         "caption_accuracy": i2t[1],
         "caption_chance": 1.0 / count,
+        "query_cosine": float(outputs["query_cosine"].mean()),
     }
     if "candidates" in outputs:
         reranked = metrics.rerank(itc, outputs["candidates"], outputs["candidate_match"])
@@ -70,7 +73,8 @@ def stage2_metrics(outputs: dict[str, np.ndarray], captions: list[str]) -> dict[
         captions: The N reference captions, in the same order.
     """
     loss = float(outputs["nll_sum"].sum() / max(int(outputs["tokens"].sum()), 1))
-    result = {"caption_loss": loss, "perplexity": float(np.exp(loss))}
+    result = {"caption_loss": loss, "perplexity": float(np.exp(loss)),
+              "query_cosine": float(outputs["query_cosine"].mean())}
     for prefix, field in (("", "generated"), ("beam_", "beam_generated")):
         if field in outputs:
             pairs = list(zip(outputs[field], captions))

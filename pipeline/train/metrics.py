@@ -15,7 +15,7 @@ from pipeline.train.progress import note
 LOSS_FIELDS = (TOTAL_LOSS, *(loss.output_field for loss in LOSSES))
 # Held-out metrics of periodic evaluation (pipeline.eval.periodic), all fractions in [0, 1].
 EVAL_SERIES = ("eval_caption_accuracy", "eval_t2i_r1", "eval_i2t_itm_r1", "eval_itm_accuracy",
-               "eval_exact_match", "eval_token_f1")
+               "eval_exact_match", "eval_token_f1", "eval_query_cosine")
 
 
 def console(line: str) -> None:

@@ -84,6 +84,7 @@ def test_stage1_metrics_from_scorer_outputs():
         "candidate_match": np.array([[1.0, 0.0], [-1.0, 2.0], [1.0, 0.0], [1.0, 0.0]]),
         "positive_logits": np.array([[0.0, 1.0]] * 4),
         "negative_logits": np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]]),
+        "query_cosine": np.array([1.0, 0.5, 0.5, 0.0]),
     }
     result = stage1_metrics(outputs, gallery)
     assert result["i2t_r1"] == result["caption_accuracy"] == pytest.approx(3 / 4)
@@ -94,6 +95,7 @@ def test_stage1_metrics_from_scorer_outputs():
     # image 2 first; "a red square" (1) finds image 3 first.
     assert result["t2i_r1"] == 1.0
     assert result["itm_accuracy"] == pytest.approx(7 / 8)
+    assert result["query_cosine"] == pytest.approx(0.5)
 
 
 def test_stage2_metrics_from_scorer_outputs():
@@ -101,9 +103,11 @@ def test_stage2_metrics_from_scorer_outputs():
         "nll_sum": np.array([2.0, 4.0]),
         "tokens": np.array([2, 4]),
         "generated": np.array(["a red circle", "a blue square"], dtype=object),
+        "query_cosine": np.array([0.25, 0.75]),
     }
     result = stage2_metrics(outputs, ["A red circle.", "a red square"])
     assert result["exact_match"] == 0.5
     assert result["token_f1"] == pytest.approx((1.0 + 0.5) / 2)
     assert result["caption_loss"] == pytest.approx(1.0)
     assert result["perplexity"] == pytest.approx(np.e)
+    assert result["query_cosine"] == pytest.approx(0.5)
