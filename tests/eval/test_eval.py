@@ -18,7 +18,7 @@ from pipeline.eval.heldout import CaptionGallery, EvalInputs, resolve_data
 from pipeline.io.storage import Location
 from pipeline.model import build_llm_tokenizer, image_preprocessing
 from pipeline.model.losses import image_text_similarity
-from pipeline.model.generate import DecodingSpec, generate_captions
+from pipeline.model.generate import DecodingSpec, generate_captions, prefix_ids
 from pipeline.eval.scoring import ScoringSpec, Stage2Scorer
 from tests.helpers import tensorboard_images, tensorboard_scalars
 
@@ -120,13 +120,14 @@ def test_stage2_scorer_matches_the_training_loss_and_a_hand_written_greedy_loop(
 
     with torch.no_grad():
         embeds = model.language_projection(model.query_image(model.encode_image(inputs["pixel_values"])))
-        tokens = torch.empty((4, 0), dtype=torch.long)
+        start = prefix_ids(tokenizer, "")  # the LLM's begin-of-text, as training's texts start
+        tokens = torch.tensor([start] * 4, dtype=torch.long)  # (4, len(start))
         for _ in range(3):  # greedy, recomputing the whole prefix each time (no cache)
             words = model.language_model.get_input_embeddings()(tokens)
             logits = model.language_model(inputs_embeds=torch.cat([embeds, words], dim=1)).logits
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     expected = []
-    for row in tokens.tolist():
+    for row in tokens[:, len(start):].tolist():
         if tokenizer.eos_token_id in row:
             row = row[: row.index(tokenizer.eos_token_id)]
         expected.append(tokenizer.decode(row, skip_special_tokens=True).strip())

@@ -82,7 +82,9 @@ def test_newcomer_commands_show_only_our_lines_and_the_run_is_in_tensorboard_mlf
         records = [r for r in _metrics(run / stage / "metrics.jsonl") if "loss" in r]
         assert [r["step"] for r in records] == list(range(1, steps + 1))
         scalars = tensorboard_scalars(str(run / stage))
-        assert [(s, round(v, 4)) for s, v in scalars["loss/total"]] == [(r["step"], round(r["loss"], 4)) for r in records]
+        # TensorBoard keeps float32, metrics.jsonl the float64 the loop printed
+        assert [s for s, _ in scalars["loss/total"]] == [r["step"] for r in records]
+        assert [v for _, v in scalars["loss/total"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
         assert {f"loss/{loss}", "optim/lr", "throughput/samples_per_s", "time/data_wait_s"} <= set(scalars)
 
     from mlflow import MlflowClient
