@@ -21,7 +21,9 @@ import time
 import uuid
 
 from pipeline.checkpoint.format import COMPLETE, JOB, LOSS_PLOT, METADATA, METRICS, SUMMARY
-from pipeline.data.prepared import MANIFEST, shards_from_manifest
+from pipeline.data.prepared import (
+    MANIFEST, TOKEN_COLUMNS, read_rows, read_schema, shards_from_manifest, token_matrix,
+)
 from pipeline.errors import QformerError
 from pipeline.eval.periodic import resolve_stage_evals
 from pipeline.io.lease import hold_lease
@@ -200,7 +202,9 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
     if not exists(manifest):
         raise TrainError(f"data: {manifest.url} not found; run `qformer prep` on the corpus first")
     _check_tokens(job, json.loads(read_bytes(manifest)))
-    return shards_from_manifest(manifest)
+    shards = shards_from_manifest(manifest)
+    _check_caption_end(job, prepared, shards)
+    return shards
 
 
 def _resolve_evals(job: JobSpec) -> JobSpec:
@@ -220,6 +224,35 @@ def _check_tokens(job: JobSpec, manifest: dict) -> None:
         )
     if any(stage.objective == 2 for stage in job.stages) and "llm" not in tokenizers:
         raise TrainError("a stage trains with the LLM (lm loss) but the prepared data has no LLM tokens")
+
+
+def _check_caption_end(job: JobSpec, prepared: Location, shards: tuple[Location, ...]) -> None:
+    """The prepared captions must end with the LLM tokenizer's end-of-text as it is now.
+
+    Data prepared with another one (another LLM, or an older asset: SmolLM2's moved from
+    ``<|im_end|>`` to ``<|endoftext|>``) would teach the LLM to end captions with a token that
+    caption generation does not stop at; one row of the first shard tells.
+    """
+    ids_column, mask_column = TOKEN_COLUMNS["llm"]
+    if not any(stage.objective == 2 for stage in job.stages) or not shards:
+        return
+    if ids_column not in read_schema(shards[0]).names:
+        return
+    rows = read_rows(shards[:1], [ids_column, mask_column], 1)
+    if rows.num_rows == 0:
+        return
+    from pipeline.model.llm import build_llm_tokenizer
+
+    length = int(token_matrix(rows.column(mask_column))[0].sum())
+    last = int(token_matrix(rows.column(ids_column))[0, length - 1])
+    tokenizer = build_llm_tokenizer(job.model.llm)
+    if last != tokenizer.eos_token_id:
+        raise TrainError(
+            f"data: {prepared.url} ends captions with token {last} "
+            f"({tokenizer.convert_ids_to_tokens(last)!r}) but {job.model.llm.name}'s tokenizer ends "
+            f"texts with {tokenizer.eos_token_id} ({tokenizer.eos_token!r}); run `qformer prep` on the "
+            "corpus again"
+        )
 
 
 def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init, launch: str,

@@ -119,27 +119,53 @@ def test_raising_steps_continues_a_finished_stage_and_a_torn_metrics_line_is_dro
     assert [r["step"] for r in _metrics(stage / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
 
 
-def test_a_corrupt_sample_stops_training_at_once_with_its_name(prepared_demo, tmp_path):
-    import pyarrow as pa
+def _copy_with_column(prepared: str, folder: Path, column: str, values) -> str:
+    """A copy of prepared data whose ``column`` is ``values(table)`` in every shard."""
     import pyarrow.parquet as pq
 
     from pipeline.data.prepared import MANIFEST, shards_from_manifest
+
+    folder.mkdir()
+    manifest = json.loads((Path(prepared) / MANIFEST).read_text())
+    for entry, shard in zip(manifest["shards"], shards_from_manifest(Location.of(prepared).child(MANIFEST))):
+        table = pq.read_table(shard.url)
+        entry["output"] = str(folder / Path(shard.url).name)
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, values(table)),
+                       entry["output"], row_group_size=30)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def test_a_corrupt_sample_stops_training_at_once_with_its_name(prepared_demo, tmp_path):
+    import pyarrow as pa
+
     from pipeline.train.run import TrainError
 
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    manifest = json.loads((Path(prepared_demo) / MANIFEST).read_text())
-    for entry, shard in zip(manifest["shards"], shards_from_manifest(Location.of(prepared_demo).child(MANIFEST))):
-        table = pq.read_table(shard.url)
-        images = pa.array([b"not a jpeg"] * table.num_rows, pa.binary())
-        entry["output"] = str(corrupt / Path(shard.url).name)
-        pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", images),
-                       entry["output"], row_group_size=30)
-    (corrupt / MANIFEST).write_text(json.dumps(manifest))
-
-    raw = tiny_job("corrupt", str(tmp_path), str(corrupt), stage2_steps=None)
+    corrupt = _copy_with_column(prepared_demo, tmp_path / "corrupt", "image",
+                                lambda table: pa.array([b"not a jpeg"] * table.num_rows, pa.binary()))
+    raw = tiny_job("corrupt", str(tmp_path), corrupt, stage2_steps=None)
     with pytest.raises(TrainError, match=r"sample '.*': cannot decode its image") as failed:
         run_training(job_spec(raw))
     assert "stage stage1 failed: " in str(failed.value) and "resumes from its last checkpoint" not in str(failed.value)
     assert not (tmp_path / "corrupt" / "stage1" / "metrics.jsonl").exists() or not _metrics(
         tmp_path / "corrupt" / "stage1" / "metrics.jsonl")
+
+
+def test_data_prepared_with_another_end_of_text_is_refused_before_any_training(prepared_demo, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.data.prepared import fixed_list, token_matrix
+    from pipeline.train.run import TrainError
+
+    def older_end(table):  # as SmolLM2's tokenizer ended captions before it used <|endoftext|>
+        ids = token_matrix(table.column("llm_input_ids"))  # (N, L)
+        last = token_matrix(table.column("llm_attention_mask")).sum(axis=1) - 1  # (N,)
+        ids[np.arange(len(ids)), last] = 2  # <|im_end|>
+        return fixed_list(ids.astype(np.int32), ids.shape[1], pa.int32())
+
+    stale = _copy_with_column(prepared_demo, tmp_path / "stale", "llm_input_ids", older_end)
+    with pytest.raises(TrainError, match=r"ends captions with token 2 \('<\|im_end\|>'\) but tiny:llama's "
+                                         r"tokenizer ends texts with 0 \('<\|endoftext\|>'\); run `qformer prep`"):
+        run_training(job_spec(tiny_job("stale", str(tmp_path), stale, stage1_steps=2, stage2_steps=2)))
+    assert not (tmp_path / "stale" / "stage1").exists()
