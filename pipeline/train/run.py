@@ -222,8 +222,12 @@ def _check_tokens(job: JobSpec, manifest: dict) -> None:
             f"model.qformer.max_text_length is {job.model.qformer.max_text_length} but the "
             f"prepared data has Q-Former tokens of length {qformer.get('max_length')}"
         )
-    if any(stage.objective == 2 for stage in job.stages) and "llm" not in tokenizers:
+    if _trains_with_llm(job) and "llm" not in tokenizers:
         raise TrainError("a stage trains with the LLM (lm loss) but the prepared data has no LLM tokens")
+
+
+def _trains_with_llm(job: JobSpec) -> bool:
+    return any(stage.objective == 2 for stage in job.stages)
 
 
 def _check_caption_end(job: JobSpec, prepared: Location, shards: tuple[Location, ...]) -> None:
@@ -234,7 +238,7 @@ def _check_caption_end(job: JobSpec, prepared: Location, shards: tuple[Location,
     caption generation does not stop at; one row of the first shard tells.
     """
     ids_column, mask_column = TOKEN_COLUMNS["llm"]
-    if not any(stage.objective == 2 for stage in job.stages) or not shards:
+    if not _trains_with_llm(job) or not shards:
         return
     if ids_column not in read_schema(shards[0]).names:
         return
