@@ -10,8 +10,8 @@ A ``config:`` architecture's random tower, and any tower built without weights (
 device, for shapes), is built in the process as before.
 
 Loading a tower draws no random numbers the caller sees: torch's generator is forked around it
-(transformers' loading of an LLM draws some, and only the first process on a node builds it),
-so the trainable modules draw the same initial weights on every rank.
+(transformers' loading of an LLM draws some, building a skeleton may, and only one process on a
+node builds the tower), so the trainable modules draw the same initial weights on every rank.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ def load_tower(role: str, spec: VisionTowerSpec | LLMSpec, *, weights: bool = Tr
         if not weights or is_config_only(spec.name):
             return load(spec, weights=weights)
         return freeze(node_shared_module(
-            tower_file(role, spec), build=lambda: load(spec), skeleton=lambda: load(spec, weights=False),
+            tower_file(role, spec), build=partial(load, spec), skeleton=partial(load, spec, weights=False),
         ))
 
 

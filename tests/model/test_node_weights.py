@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from pipeline.model.llm import load_language_model
 from pipeline.model.node_weights import NodeWeightsError, node_shared_module
 from pipeline.model.towers import load_tower, tower_file
-from pipeline.model.vision import encode_images, load_vision_tower
+from pipeline.model.vision import VisionTowerError, encode_images, load_vision_tower
 from pipeline.spec.model import LLMSpec, VisionTowerSpec
 
 from .tiny import IMAGE_SIZE, LLM_VOCAB, save_llm
@@ -32,7 +33,6 @@ def _counted_llm(spec_json: str, counter: str):
         f.write("built\n")
     time.sleep(1)
     model = load_language_model(LLMSpec.model_validate_json(spec_json))
-    torch.randn(8)  # a draw the caller must not see
     return model
 
 
@@ -40,8 +40,8 @@ def _race(path: str, spec_json: str, counter: str, start, logits) -> None:
     """One racing process: wait for the start, map the LLM, return its logits on fixed ids."""
     spec = LLMSpec.model_validate_json(spec_json)
     start.wait()
-    model = node_shared_module(Path(path), build=lambda: _counted_llm(spec_json, counter),
-                               skeleton=lambda: load_language_model(spec, weights=False))
+    model = node_shared_module(Path(path), build=partial(_counted_llm, spec_json, counter),
+                               skeleton=partial(load_language_model, spec, weights=False))
     with torch.no_grad():
         logits.put(model(torch.arange(LLM_VOCAB).view(2, -1)).logits.tolist())
 
@@ -121,8 +121,8 @@ def test_truncated_file_is_rebuilt(llm_dirs, tmp_path):
     path, counter = tmp_path / "llm.safetensors", tmp_path / "builds.txt"
 
     def load():
-        return node_shared_module(path, build=lambda: _counted_llm(spec.model_dump_json(), str(counter)),
-                                  skeleton=lambda: load_language_model(spec, weights=False))
+        return node_shared_module(path, build=partial(_counted_llm, spec.model_dump_json(), str(counter)),
+                                  skeleton=partial(load_language_model, spec, weights=False))
 
     load()
     with open(path, "r+b") as f:
@@ -137,11 +137,21 @@ def test_truncated_file_is_rebuilt(llm_dirs, tmp_path):
 def test_file_of_another_module_is_refused(llm_dirs, tmp_path):
     path = tmp_path / "llm.safetensors"
     llama, opt = (LLMSpec(name=str(llm_dirs(kind)), dtype="float32") for kind in ("llama", "opt"))
-    node_shared_module(path, build=lambda: load_language_model(llama),
-                       skeleton=lambda: load_language_model(llama, weights=False))
+    node_shared_module(path, build=partial(load_language_model, llama),
+                       skeleton=partial(load_language_model, llama, weights=False))
     with pytest.raises(NodeWeightsError, match="in the module"):
-        node_shared_module(path, build=lambda: load_language_model(opt),
-                           skeleton=lambda: load_language_model(opt, weights=False))
+        node_shared_module(path, build=partial(load_language_model, opt),
+                           skeleton=partial(load_language_model, opt, weights=False))
+
+
+def test_build_errors_reach_the_caller_as_raised(vision_dirs, tmp_path):
+    # A vision config over weights that are not there: the building process's error, unchanged.
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text((vision_dirs("blip2") / "config.json").read_text())
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(VisionTowerError, match="not in the checkpoint"):
+        load_tower("vision", VisionTowerSpec(name=str(folder), dtype="float32"))
 
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
