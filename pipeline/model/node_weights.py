@@ -32,11 +32,11 @@ import multiprocessing
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from torch import nn
 
@@ -87,7 +87,7 @@ def node_shared_module(
         Exception: whatever ``build`` raised.
     """
     _ensure_file(path, build)
-    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+    with torch.random.fork_rng(devices=[]), _parameters_on_meta():
         module = skeleton()
     tensors, aliases = map_file(path)
     _assign(module, tensors, aliases, path)
@@ -116,6 +116,25 @@ def map_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         # safetensors orders tensors by alignment, so each starts at a multiple of its item size.
         tensors[name] = data[data_start + start:data_start + end].view(dtype).view(entry["shape"])
     return tensors, json.loads(metadata["aliases"])
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters registered in the block are made on the meta device (no memory, no data);
+    buffers as usual. As accelerate's ``init_empty_weights`` does, which GPU machines may lack:
+    ``nn.Module.register_parameter`` is patched for the block, in every thread."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _ensure_file(path: Path, build: Callable[[], nn.Module]) -> None:
