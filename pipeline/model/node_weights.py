@@ -65,8 +65,8 @@ def node_shared_module(
 
     The first process to need ``path`` builds the module with ``build`` and writes it there;
     the others wait for it. Every process then calls ``skeleton`` with parameters on the meta
-    device (buffers are made as usual) and assigns each parameter and buffer a read-only view
-    of the mapped file. A file that is truncated, unreadable or of another format is rebuilt.
+    device (buffers are made as usual) and assigns each parameter and buffer a view of the file,
+    mapped copy-on-write (see the module's docstring); parameters keep ``requires_grad=False``. A file that is truncated, unreadable or of another format is rebuilt.
 
     ``build`` runs in a process of its own (spawned: it and its arguments must pickle), whose
     memory goes back to the system when it ends; no caller's random generator draws for it.
@@ -89,12 +89,12 @@ def node_shared_module(
     _ensure_file(path, build)
     with torch.random.fork_rng(devices=[]), _parameters_on_meta():
         module = skeleton()
-    tensors, aliases = map_file(path)
+    tensors, aliases = _map_file(path)
     _assign(module, tensors, aliases, path)
     return module
 
 
-def map_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _map_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a node weights file, as views of its private memory mapping.
 
     Returns:
