@@ -66,7 +66,8 @@ def node_shared_module(
     The first process to need ``path`` builds the module with ``build`` and writes it there;
     the others wait for it. Every process then calls ``skeleton`` with parameters on the meta
     device (buffers are made as usual) and assigns each parameter and buffer a view of the file,
-    mapped copy-on-write (see the module's docstring); parameters keep ``requires_grad=False``. A file that is truncated, unreadable or of another format is rebuilt.
+    mapped copy-on-write (see the module's docstring); parameters keep ``requires_grad=False``.
+    A file that is truncated, unreadable or of another format is rebuilt.
 
     ``build`` runs in a process of its own (spawned: it and its arguments must pickle), whose
     memory goes back to the system when it ends; no caller's random generator draws for it.
