@@ -207,6 +207,7 @@ def _write(module: nn.Module, path: Path) -> None:
         save_file(tensors, staging, metadata={"format": FORMAT, "aliases": json.dumps(aliases)})
         with open(staging, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(staging, 0o644)  # mkstemp's 0600 would hide it from other users' workers
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
