@@ -176,6 +176,8 @@ def _unloadable_reason(name: str) -> str | None:
 
     from pipeline.assets import AssetError, resolve_model
 
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        return f"no folder {name}"  # transformers would call it a malformed hub id
     try:
         AutoConfig.from_pretrained(resolve_model(name))
     except (OSError, ValueError, AssetError) as err:

@@ -31,7 +31,8 @@ def test_a_missing_package_falls_back_saying_what_to_install(tmp_path, monkeypat
 def test_a_missing_folder_falls_back_too(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qformer.train"):
         job, note = resolve_model_paths(_demo_job(tmp_path, str(tmp_path / "no-such-tower")))
-    assert job.model.vision.name == "tiny:vit" and "FALLBACK" in note
+    assert job.model.vision.name == "tiny:vit"
+    assert note.endswith(f"cannot be loaded: no folder {tmp_path / 'no-such-tower'})")
     assert len(caplog.messages) == 1 and "\n" not in caplog.messages[0]
 
 
