@@ -127,12 +127,16 @@ def _parser() -> argparse.ArgumentParser:
     bench_prep.add_argument("--image-size", type=_positive_int, default=768,
                             help="shorter side of the generated 4:3 JPEGs (both paths output 224)")
     bench_prep.add_argument("--shards", type=_positive_int, default=16)
+    _rounds_argument(bench_prep)
     bench_prep.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    _verbose_argument(bench_prep)
     bench_prep.set_defaults(handler=_bench_prep)
     bench_train = benches.add_parser("train", help="Ray Train + DeepSpeed vs a plain PyTorch loop")
     bench_train.add_argument("--steps", type=_positive_int, default=60)
     bench_train.add_argument("--batch-size", type=_positive_int, default=16)
+    _rounds_argument(bench_train)
     bench_train.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    _verbose_argument(bench_train)
     bench_train.set_defaults(handler=_bench_train)
     bench_step = benches.add_parser(
         "step", help="one worker's training step on this device: phase times, TFLOP/s, MFU, memory, decode rates")
@@ -288,6 +292,11 @@ def _verbose_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show other programs' output (Ray, DeepSpeed, transformers) live on the "
                              "console instead of only in the command's log file")
+
+
+def _rounds_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=_positive_int, default=3,
+                        help="rounds of the two sides run alternately; the median ratio and its spread are reported")
 
 
 def _positive_int(text: str) -> int:
@@ -447,15 +456,25 @@ def _photo_corpus(args) -> int:
 def _bench_prep(args) -> int:
     from pipeline.bench.prep import run_prep_benchmark
 
-    run_prep_benchmark(args.samples, args.image_size, args.shards, args.workdir)
+    with _logged(args, _bench_logs(args), "bench-prep"):
+        run_prep_benchmark(args.samples, args.image_size, args.shards, args.rounds, args.workdir)
     return 0
 
 
 def _bench_train(args) -> int:
     from pipeline.bench.train import run_train_benchmark
 
-    run_train_benchmark(args.steps, args.batch_size, args.workdir)
+    with _logged(args, _bench_logs(args), "bench-train"):
+        run_train_benchmark(args.steps, args.batch_size, args.rounds, args.workdir)
     return 0
+
+
+def _bench_logs(args) -> Location:
+    """Where a side-by-side benchmark's log goes: its ``--workdir``, else a folder in the temp dir
+    (the benchmark's own temporary files are deleted when it ends; its log is kept)."""
+    import tempfile
+
+    return Location.of(args.workdir or os.path.join(tempfile.gettempdir(), "qformer-bench"))
 
 
 def _bench_step(args) -> int:
