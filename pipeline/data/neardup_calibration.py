@@ -150,7 +150,9 @@ def calibrate(spec: PrepSpec, request: CalibrationRequest) -> Calibration:
     progress.close()
     count = len(originals[lengths[0]])
     if count < 2:
-        raise UsageError(f"{spec.inputs}: {count} usable images; the calibration needs at least 2")
+        raise UsageError(f"{spec.inputs}: {count} usable images of {count + skipped} read ({skipped} byte-identical "
+                         "to an earlier one, or they or their copies fail prep's image checks, e.g. "
+                         f"min_side {spec.filters.min_side}); the calibration needs at least 2")
     result = Calibration(near.algorithm, flips, count, skipped)
     for bits in lengths:
         result.rows += _rates(bits, originals[bits], copies[bits], flips)
@@ -187,22 +189,26 @@ def _hashed_with_copy(data: bytes, images: ImageTransform, hashers: dict[int, Im
                       rng: random.Random, recipe: CopyRecipe) -> dict[int, tuple] | None:
     """Per hash length, the (hash, mirror hash) pairs of the image and of a copy of it, both as
     prep hashes them (through its image checks), or None when prep would not hash either."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            copy = make_copy(image, rng, recipe)
-    except Exception:  # whatever a decoder raises: prep drops the image as image_corrupt
-        return None
     decoded = []
-    for encoded in (data, copy):
-        image = images.open(encoded)
+    for make in (lambda: data, lambda: _copy_of(data, rng, recipe)):  # no copy of an image prep drops
+        encoded = make()
+        image = images.open(encoded) if encoded is not None else None
         if not isinstance(image, Image.Image):  # a drop reason: prep never hashes it
             return None
         with image:
             try:
                 decoded.append(decode_for_hash(image))
-            except Exception:
+            except Exception:  # whatever a decoder raises: prep drops the image as image_corrupt
                 return None
     return {bits: (hasher.hash_pair(decoded[0]), hasher.hash_pair(decoded[1])) for bits, hasher in hashers.items()}
+
+
+def _copy_of(data: bytes, rng: random.Random, recipe: CopyRecipe) -> bytes | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return make_copy(image, rng, recipe)
+    except Exception:  # whatever a decoder raises
+        return None
 
 
 def _distances(a: list[tuple], b: list[tuple], flips: bool) -> np.ndarray:

