@@ -19,11 +19,10 @@ The search compares every pair, as prep does with ``bands: null``.
 
 from __future__ import annotations
 
-import io
-import logging
-import random
 import csv
+import io
 import json
+import random
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -37,8 +36,6 @@ from pipeline.errors import UsageError
 from pipeline.io.pictures import write_png
 from pipeline.io.storage import Location, expand_inputs, storage_errors, write_bytes_atomic
 from pipeline.spec.prep import NearDupSpec, PrepSpec
-
-log = logging.getLogger("qformer.calibrate")
 
 
 @dataclass(frozen=True)
