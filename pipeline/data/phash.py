@@ -62,6 +62,15 @@ def _low_block(channel: np.ndarray) -> np.ndarray:
     return (dct @ channel @ dct.T)[:_LOW, :_LOW].ravel()
 
 
+def decode_for_hash(image: Image.Image) -> Image.Image:
+    """An opened, not yet decoded image, decoded as the hashes see it: RGB, transparent parts on
+    white, a JPEG at the smallest DCT scale that keeps the thumbnail's detail. Raises whatever
+    the decoder raises."""
+    if image.format == "JPEG":
+        image.draft("RGB", (2 * _SIDE, 2 * _SIDE))  # decode at reduced DCT scale
+    return to_rgb(image)
+
+
 class ImageHasher:
     """Hashes images as ``NearDupSpec`` says; a hash is ``bits // 8`` bytes.
 
@@ -94,9 +103,7 @@ class ImageHasher:
     def hash_opened(self, image: Image.Image) -> tuple[bytes, bytes | None] | None:
         """``hash_pair`` of an opened, not yet decoded image, or None when it cannot be decoded."""
         try:
-            if image.format == "JPEG":
-                image.draft("RGB", (2 * _SIDE, 2 * _SIDE))  # decode at reduced DCT scale
-            return self.hash_pair(to_rgb(image))
+            return self.hash_pair(decode_for_hash(image))
         except Exception:  # whatever a decoder raises on a broken file: no hash
             return None
 
