@@ -66,9 +66,78 @@ class Scenario:
 SCENARIOS = (Scenario(0, 1), Scenario(2, 1), Scenario(3, 1), Scenario(3, 2))
 """ZeRO-0, -2 and -3 on stage 1; ZeRO-3 (the one that partitions parameters) on stage 2 too."""
 
+TIER_WHEELS = (
+    "deepspeed", "einops", "hjson", "msgpack", "ninja", "psutil", "py-cpuinfo",  # DeepSpeed, built --no-deps
+    "pydantic", "pydantic-core", "annotated-types", "typing-inspection",  # job specs
+    "pyarrow", "pillow",  # prepared shards and their JPEGs (the training loader)
+    "pytest", "pluggy", "iniconfig", "pygments",  # the tier itself
+)
+"""The distributions the tier's wheel folder holds (docs/gpu.md, .ci/gpu-wheels): everything the
+tier imports beyond torch, transformers and what they require."""
+
+BASE_DISTRIBUTIONS = ("torch", "transformers")
+"""What a GPU machine is assumed to have, with everything they require."""
+
+
+def offline_blocklist() -> tuple[str, ...]:
+    """Top-level modules of every installed distribution that a GPU machine with only
+    :data:`BASE_DISTRIBUTIONS` (and their requirements) and :data:`TIER_WHEELS` would lack: made
+    unimportable, they let a CPU run show that the tier needs nothing else."""
+    import importlib.metadata as metadata
+
+    allowed = _requirement_closure(BASE_DISTRIBUTIONS) | {_canonical(name) for name in TIER_WHEELS}
+    blocked = set()
+    for module, dists in metadata.packages_distributions().items():
+        if not any(_canonical(d) in allowed for d in dists) and module.isidentifier() and module != "pipeline":
+            blocked.add(module)
+    return tuple(sorted(blocked))
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _requirement_closure(names: tuple[str, ...]) -> set[str]:
+    """``names`` and, recursively, what each installed one requires (extras left out)."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [_canonical(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(_canonical(requirement.name))
+    return seen
+
+
+_WITHOUT = """
+import runpy, sys
+for name in filter(None, sys.argv[1].split(",")):
+    sys.modules[name] = None
+module = sys.argv[2]
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def _python(module: str, blocked: tuple[str, ...]) -> list[str]:
+    """The command line running ``python -m module`` with ``blocked`` modules unimportable
+    (``import`` raises ModuleNotFoundError, ``importlib.util.find_spec`` answers None)."""
+    return [sys.executable, "-c", _WITHOUT, ",".join(blocked), module]
+
 
 def bench_step(*, preset: str, objective: int, device: str, out: Path, batch_size: int | None = None,
-               steps: int = 3, timeout_s: float = 600) -> dict:
+               steps: int = 3, blocked: tuple[str, ...] = (), timeout_s: float = 600) -> dict:
     """Run ``qformer bench step`` for one objective in its own process; its JSON report.
 
     Args:
@@ -78,30 +147,32 @@ def bench_step(*, preset: str, objective: int, device: str, out: Path, batch_siz
         out: Where the command writes its report.
         batch_size: None lets the command choose (on a GPU: the largest power of two that fits).
         steps: Timed steps.
+        blocked: Modules made unimportable in the command's process (:func:`offline_blocklist`).
         timeout_s: The command's time limit.
 
     Raises:
         RuntimeError: the command failed (its output's end in the message).
     """
-    argv = [sys.executable, "-m", "pipeline", "bench", "step", "--preset", preset, "--objective", str(objective),
-            "--device", device, "--steps", str(steps), "--out", str(out)]
+    args = ["bench", "step", "--preset", preset, "--objective", str(objective), "--device", device,
+            "--steps", str(steps), "--out", str(out)]
     if batch_size is not None:
-        argv += ["--batch-size", str(batch_size)]
+        args += ["--batch-size", str(batch_size)]
     started = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    result = subprocess.run([*_python("pipeline", blocked), *args], capture_output=True, text=True, timeout=timeout_s)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[1:])} failed ({result.returncode}):\n{result.stdout[-2000:]}"
+        raise RuntimeError(f"qformer {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-2000:]}"
                            f"\n{result.stderr[-4000:]}")
     report = json.loads(Path(out).read_text())
-    report["command"] = "qformer " + " ".join(argv[3:])
+    report["command"] = "qformer " + " ".join(args)
     report["wall_s"] = time.perf_counter() - started
     report["stdout"] = result.stdout
     return report
 
 
 def engine_round_trips(device: str, folder: Path, scenarios: tuple[Scenario, ...] = SCENARIOS,
-                       *, timeout_s: float = 600) -> dict[str, dict]:
-    """Run every scenario in one new process holding a 1-rank process group; figures by name.
+                       *, blocked: tuple[str, ...] = (), timeout_s: float = 600) -> dict[str, dict]:
+    """Run every scenario in one new process holding a 1-rank process group (``blocked``
+    modules unimportable there); figures by name.
 
     A scenario that fails does not stop the others: its figures are ``{"error": ...}``.
     """
@@ -116,7 +187,7 @@ def engine_round_trips(device: str, folder: Path, scenarios: tuple[Scenario, ...
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "DS_ACCELERATOR": "cpu" if device == "cpu" else "cuda"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.bench.gpu_tier", str(request), str(out)],
+    result = subprocess.run([*_python("pipeline.bench.gpu_tier", blocked), str(request), str(out)],
                             capture_output=True, text=True, timeout=timeout_s, env=env)
     if not out.is_file():
         raise RuntimeError(f"the engine process failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
