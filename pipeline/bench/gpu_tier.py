@@ -69,7 +69,7 @@ SCENARIOS = (Scenario(0, 1), Scenario(2, 1), Scenario(3, 1), Scenario(3, 2))
 TIER_WHEELS = (
     "deepspeed", "einops", "hjson", "msgpack", "ninja", "psutil", "py-cpuinfo",  # DeepSpeed, built --no-deps
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection",  # job specs
-    "pyarrow", "pillow",  # prepared shards and their JPEGs (the training loader)
+    "pyarrow", "pillow", "braceexpand",  # prepared shards and their JPEGs (the training loader, storage)
     "pytest", "pluggy", "iniconfig", "pygments",  # the tier itself
 )
 """The distributions the tier's wheel folder holds (docs/gpu.md, .ci/gpu-wheels): everything the
@@ -77,6 +77,10 @@ tier imports beyond torch, transformers and what they require."""
 
 BASE_DISTRIBUTIONS = ("torch", "transformers")
 """What a GPU machine is assumed to have, with everything they require."""
+
+_LEFT_IMPORTABLE = ("pandas",)
+"""Absent on a GPU machine, but not blockable by a ``None`` in ``sys.modules``: pyarrow looks
+pandas up there and fails on ``None`` (where pandas is truly absent it does without it)."""
 
 
 def offline_blocklist() -> tuple[str, ...]:
@@ -88,7 +92,8 @@ def offline_blocklist() -> tuple[str, ...]:
     allowed = _requirement_closure(BASE_DISTRIBUTIONS) | {_canonical(name) for name in TIER_WHEELS}
     blocked = set()
     for module, dists in metadata.packages_distributions().items():
-        if not any(_canonical(d) in allowed for d in dists) and module.isidentifier() and module != "pipeline":
+        if (not any(_canonical(d) in allowed for d in dists) and module.isidentifier()
+                and module not in ("pipeline", *_LEFT_IMPORTABLE)):
             blocked.add(module)
     return tuple(sorted(blocked))
 
