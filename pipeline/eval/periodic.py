@@ -22,7 +22,7 @@ from pipeline.io.storage import Location
 from pipeline.model import build_llm_tokenizer, image_preprocessing
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec import JobSpec
-from pipeline.spec.train import StageSpec
+from pipeline.spec.train import HELD_OUT, StageSpec
 
 PREFIX = "eval_"
 SHOWN = ("caption_accuracy", "t2i_r1", "itm_accuracy", "exact_match", "token_f1", "caption_loss", "query_cosine")
@@ -46,7 +46,7 @@ class PeriodicEval:
         self.objective = stage.objective
         model_spec = job.model
         try:
-            data = resolve_data([self.spec.data], None, job.data.storage)
+            data = resolve_data(_entries(self.spec.data), None, job.data.storage)
             check_tokens(data, self.objective, model_spec.qformer.max_text_length)
         except EvalError as err:
             raise ValueError(f"stages.{stage.name}.eval: {err}") from None
@@ -119,9 +119,10 @@ def stage_evaluator(job: JobSpec, stage: StageSpec, *, rank: int, world: int) ->
     return PeriodicEval(job, stage, rank=rank, world=world)
 
 
-def resolve_stage_evals(job: JobSpec) -> JobSpec:
-    """Check every stage's held-out data before training starts; returns the job with local
-    held-out paths made absolute (Ray Train workers run in another working directory).
+def resolve_stage_evals(job: JobSpec, held_out: tuple[Location, ...] = ()) -> JobSpec:
+    """Check every stage's held-out data before training starts; returns the job with
+    ``eval.data: held_out`` replaced by the ``held_out`` shards and local held-out paths made
+    absolute (Ray Train workers run in another working directory).
 
     Raises:
         ValueError: missing held-out data, or tokens the model cannot use.
@@ -129,15 +130,22 @@ def resolve_stage_evals(job: JobSpec) -> JobSpec:
     stages = []
     for stage in job.stages:
         if stage.eval is not None:
+            if stage.eval.data == HELD_OUT:
+                entries = [shard.url for shard in held_out]
+            else:
+                entries = [Location.of(entry, job.data.storage).url for entry in _entries(stage.eval.data)]
             try:
-                data = resolve_data([stage.eval.data], None, job.data.storage)
+                data = resolve_data(entries, None, job.data.storage)
                 check_tokens(data, stage.objective, job.model.qformer.max_text_length)
             except EvalError as err:
                 raise ValueError(f"stages.{stage.name}.eval: {err}") from None
-            absolute = Location.of(stage.eval.data, job.data.storage).url
-            stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": absolute})})
+            stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": entries})})
         stages.append(stage)
     return job.model_copy(update={"stages": stages})
+
+
+def _entries(data: str | list[str]) -> list[str]:
+    return [data] if isinstance(data, str) else list(data)
 
 
 def _gather(outputs: dict[str, np.ndarray], world: int) -> list[dict[str, np.ndarray]]:

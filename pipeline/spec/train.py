@@ -17,6 +17,9 @@ from pipeline.spec.prep import PrepSpec
 from pipeline.spec.storage import StorageSpec
 from pipeline.spec.tracking import TrackingSpec
 
+HELD_OUT = "held_out"
+"""``eval.data`` naming the prepared shards that ``data.held_out_shards`` keeps out of training."""
+
 
 class RunSpec(SpecModel):
     """Where a run lives. Running the same job again (same name and storage) resumes it."""
@@ -90,6 +93,9 @@ class DataSpec(SpecModel):
     """Threads per worker decoding and augmenting images ahead of the training step."""
     prefetch_batches: int = Field(4, ge=1)
     """Batches each worker keeps ready."""
+    held_out_shards: int = Field(0, ge=0)
+    """The last N prepared shards (in corpus order) are kept out of training; a stage's
+    ``eval.data: held_out`` evaluates on them. 0: every shard trains."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
@@ -200,9 +206,11 @@ class EvalSpec(SpecModel):
     """Evaluation on a held-out set during a stage (the metrics of ``qformer eval``, logged as
     ``eval_*`` records in the stage's ``metrics.jsonl`` and plotted in its ``loss.png``)."""
 
-    data: str
+    data: str | list[str]
     """Held-out ``qformer prep`` output folder (with ``manifest.json``) or ``.parquet`` glob,
-    prepared with the training data's image and tokenizer settings; ``data.storage`` applies."""
+    prepared with the training data's image and tokenizer settings; ``data.storage`` applies.
+    ``held_out``: the shards that ``data.held_out_shards`` keeps out of training. A list: several
+    such folders or paths."""
     every: int = Field(ge=1)
     """Evaluate every this many steps, and at the end of the stage."""
     max_samples: int = Field(256, ge=1)

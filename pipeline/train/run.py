@@ -70,8 +70,8 @@ def run_training(job: JobSpec) -> dict:
 
 def _train_curriculum(job: JobSpec, run_dir: Location, vision_note: str, finished: dict[str, dict],
                       checked_inits) -> dict:
-    shards = _training_shards(job, run_dir)
-    job = _resolve_evals(job)
+    shards, held_out = _split_held_out(job, _prepared_shards(job, run_dir))
+    job = _resolve_evals(job, held_out)
     launch = _record_launch(job, run_dir)
     _announce(job, run_dir)
     summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
@@ -180,7 +180,7 @@ def _loadable(name: str) -> bool:
     return True
 
 
-def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
+def _prepared_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
     if job.data.raw is not None:
         from pipeline.data.prep import run_prep
 
@@ -207,9 +207,20 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
     return shards
 
 
-def _resolve_evals(job: JobSpec) -> JobSpec:
+def _split_held_out(job: JobSpec, shards: tuple[Location, ...]) -> tuple[tuple[Location, ...], tuple[Location, ...]]:
+    """The training shards and the last ``data.held_out_shards`` kept out of training."""
+    count = job.data.held_out_shards
+    if count == 0:
+        return shards, ()
+    if count >= len(shards):
+        raise TrainError(f"data.held_out_shards: {count} would hold out every one of the "
+                         f"{len(shards)} prepared shards; nothing would be left to train on")
+    return shards[:-count], shards[-count:]
+
+
+def _resolve_evals(job: JobSpec, held_out: tuple[Location, ...]) -> JobSpec:
     try:
-        return resolve_stage_evals(job)
+        return resolve_stage_evals(job, held_out)
     except ValueError as err:
         raise TrainError(str(err)) from None
 
