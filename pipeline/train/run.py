@@ -143,19 +143,20 @@ def _announce(job: JobSpec, run_dir: Location) -> None:
 
 def resolve_model_paths(job: JobSpec) -> tuple[JobSpec, str]:
     """Make local model folders absolute (workers may run elsewhere) and apply the vision
-    tower's fallback when its ``name`` cannot be reached; returns the job and a note saying
+    tower's fallback when its ``name`` cannot be loaded; returns the job and a note saying
     which tower is used."""
     model = job.model
     vision = model.vision
     note = vision.name
-    if vision.fallback and not _loadable(vision.name):
+    reason = _unloadable_reason(vision.name) if vision.fallback else None
+    if reason is not None:
         log.warning(
-            "WARNING: vision tower %r is not reachable (no such folder, no hub access); using the "
-            "fallback %r, a randomly initialised tower: this run does NOT use pretrained vision "
-            "features", vision.name, vision.fallback,
+            "WARNING: vision tower %r cannot be loaded (%s); using the fallback %r, a randomly "
+            "initialised tower: this run does NOT use pretrained vision features",
+            vision.name, reason, vision.fallback,
         )
         vision = vision.model_copy(update={"name": vision.fallback})
-        note = f"{vision.fallback} (FALLBACK, randomly initialised: {model.vision.name} was not reachable)"
+        note = f"{vision.fallback} (FALLBACK, randomly initialised: {model.vision.name} cannot be loaded: {reason})"
     model = model.model_copy(update={
         "vision": vision.model_copy(update={"name": _absolute(vision.name)}),
         "qformer": model.qformer.model_copy(update={"bert": _absolute(model.qformer.bert)}),
@@ -168,16 +169,20 @@ def _absolute(name: str) -> str:
     return os.path.abspath(name) if os.path.isdir(name) else name
 
 
-def _loadable(name: str) -> bool:
+def _unloadable_reason(name: str) -> str | None:
+    """Why the tower ``name`` cannot be loaded (no such folder, no hub access, its package not
+    installed), in one line; ``None`` when its config loads."""
     from transformers import AutoConfig
 
-    from pipeline.assets import resolve_model
+    from pipeline.assets import AssetError, resolve_model
 
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        return f"no folder {name}"  # transformers would call it a malformed hub id
     try:
         AutoConfig.from_pretrained(resolve_model(name))
-    except (OSError, ValueError):
-        return False
-    return True
+    except (OSError, ValueError, AssetError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
 
 
 def _prepared_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
