@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
+from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, count_rows, read_rows, text_kind
 from pipeline.eval.heldout import CaptionGallery, EvalError, EvalInputs, check_tokens, resolve_data
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
 from pipeline.eval.summary import stage1_metrics, stage2_metrics
@@ -125,21 +125,28 @@ def resolve_stage_evals(job: JobSpec, held_out: tuple[Location, ...] = ()) -> Jo
     absolute (Ray Train workers run in another working directory).
 
     Raises:
-        ValueError: missing held-out data, or tokens the model cannot use.
+        ValueError: missing held-out data, tokens the model cannot use, or fewer samples than
+            workers.
     """
     stages = []
     for stage in job.stages:
         if stage.eval is not None:
             if stage.eval.data == HELD_OUT:
-                entries = [shard.url for shard in held_out]
+                resolved = [shard.url for shard in held_out]
+            elif isinstance(stage.eval.data, str):
+                resolved = Location.of(stage.eval.data, job.data.storage).url
             else:
-                entries = [Location.of(entry, job.data.storage).url for entry in _entries(stage.eval.data)]
+                resolved = [Location.of(entry, job.data.storage).url for entry in stage.eval.data]
             try:
-                data = resolve_data(entries, None, job.data.storage)
+                data = resolve_data(_entries(resolved), None, job.data.storage)
                 check_tokens(data, stage.objective, job.model.qformer.max_text_length)
             except EvalError as err:
                 raise ValueError(f"stages.{stage.name}.eval: {err}") from None
-            stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": entries})})
+            samples = min(count_rows(data.shards), stage.eval.max_samples)
+            if samples < job.scaling.workers:
+                raise ValueError(f"stages.{stage.name}.eval: {samples} held-out samples cannot be shared "
+                                 f"by {job.scaling.workers} workers")
+            stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": resolved})})
         stages.append(stage)
     return job.model_copy(update={"stages": stages})
 
