@@ -305,7 +305,12 @@ def _cached_folder(name: str, build) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             staging.chmod(0o755)
-            build(staging)
+            # Builders draw random weights (or seed torch); the caller's random state must not
+            # depend on whether the cache was warm, or a fresh machine trains another run.
+            import torch
+
+            with torch.random.fork_rng(devices=[]):
+                build(staging)
             if not any(staging.iterdir()):
                 raise AssetError(f"building {name} in {staging} wrote no files")
             (staging / _COMPLETE).touch()

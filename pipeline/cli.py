@@ -422,6 +422,7 @@ def _curate(args) -> int:
 
 
 def _train(args) -> int:
+    from pipeline.eval.summary import held_out_line
     from pipeline.train.run import run_dir_of, run_training
 
     spec = _load(args)
@@ -434,21 +435,27 @@ def _train(args) -> int:
             losses = {k: round(v, 4) for k, v in (stage.get("final_metrics") or {}).items() if k.startswith("loss")}
             say(f"stage {stage['stage']}: {stage['step']} steps, {stage['samples_seen']} samples, "
                 f"final {losses}; plot {stage['plot']}")
+            if stage.get("held_out"):
+                say(held_out_line(stage["stage"], stage["held_out"]))
         say(f"vision tower: {summary['vision_tower']}")
         say(f"run folder: {summary['run']}")
-        for line in _next_steps(spec, summary["run"]):
+        for line in _next_steps(spec, summary["run"], summary.get("held_out", [])):
             say(line)
     return 0
 
 
-def _next_steps(spec: JobSpec, run: str) -> list[str]:
+def _next_steps(spec: JobSpec, run: str, held_out: list[str]) -> list[str]:
     """Where to look after a training run, and what to try next."""
-    data = spec.data.prepared or f"{run}/prepared"
     lines = [f"  status:      qformer status {run}"]
     if spec.run.tracking.tensorboard:
         lines.append(f"  curves:      tensorboard --logdir {spec.run.storage}")
-    lines += [f"  evaluate:    qformer eval {run} --data {data} --max-samples 256   "
-              "(the training data here; better: held-out data prepared the same way)",
+    if held_out:
+        data = " ".join(f"--data {shard}" for shard in held_out)
+        note = "(the shards held out of training)"
+    else:
+        data = f"--data {spec.data.prepared or f'{run}/prepared'}"
+        note = "(the training data here; better: held-out data prepared the same way)"
+    lines += [f"  evaluate:    qformer eval {run} {data} --max-samples 256   {note}",
               f"  export:      qformer export {run} out/{spec.run.name}"]
     return ["next:", *lines]
 

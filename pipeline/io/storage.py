@@ -235,6 +235,8 @@ def exists(location: Location) -> bool:
             if storage_error(err, location.url) is not None:
                 raise
             return False
+        except NotADirectoryError:
+            return False  # a local path below a file (``shard.parquet/manifest.json``)
     return True
 
 
