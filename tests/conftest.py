@@ -4,6 +4,7 @@ Helpers that tests import live in ``tests/helpers.py``."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +23,31 @@ RAY_FIXTURES = frozenset({"ray_2cpus", "ray_head"})
 """Fixtures that start Ray: every test that uses one, directly or through another fixture, is slow."""
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    gpu = None
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu"):
+            if gpu is None:
+                import torch
+
+                gpu = torch.cuda.is_available()
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason="the GPU tier needs CUDA (docs/gpu.md)"))
+
+
+def pytest_ignore_collect(collection_path, config):
+    """``pytest -m gpu`` collects only tests/gpu: a GPU machine has only the tier's wheels, and
+    other test modules import Ray, moto and the rest at import time."""
+    if (config.getoption("markexpr") or "").strip() == "gpu":
+        gpu_tests = Path(__file__).parent / "gpu"
+        if collection_path.is_dir() and (gpu_tests.is_relative_to(collection_path) or collection_path.is_relative_to(gpu_tests)):
+            return None
+        if collection_path.is_relative_to(gpu_tests):
+            return None
+        return True
+    return None
 
 
 @pytest.fixture(scope="session")

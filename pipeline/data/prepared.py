@@ -215,6 +215,23 @@ def read_schema(shard: Location) -> pa.Schema:
         raise PreparedDataError(f"{shard.url}: not a readable prepared shard ({err})") from None
 
 
+def count_rows(shards: tuple[Location, ...]) -> int:
+    """How many rows the shards hold (their footers only).
+
+    Raises:
+        PreparedDataError: a shard is not a readable Parquet file.
+    """
+    total = 0
+    for shard in shards:
+        fs, path = shard.filesystem()
+        try:
+            with fs.open(path, "rb") as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+        except (pa.ArrowException, OSError) as err:
+            raise PreparedDataError(f"{shard.url}: not a readable prepared shard ({err})") from None
+    return total
+
+
 def read_rows(shards: tuple[Location, ...], columns: list[str], limit: int | None = None) -> pa.Table:
     """The first ``limit`` rows (all when None) of the shards, in corpus order.
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, read_rows, text_kind
+from pipeline.data.prepared import CAPTION, IMAGE, KEY, TOKEN_COLUMNS, count_rows, read_rows, text_kind
 from pipeline.eval.heldout import CaptionGallery, EvalError, EvalInputs, check_tokens, resolve_data
 from pipeline.eval.scoring import ScoringSpec, Stage1Scorer, Stage2Scorer
 from pipeline.eval.summary import stage1_metrics, stage2_metrics
@@ -22,7 +22,7 @@ from pipeline.io.storage import Location
 from pipeline.model import build_llm_tokenizer, image_preprocessing
 from pipeline.model.generate import DecodingSpec
 from pipeline.spec import JobSpec
-from pipeline.spec.train import StageSpec
+from pipeline.spec.train import HELD_OUT, StageSpec
 
 PREFIX = "eval_"
 SHOWN = ("caption_accuracy", "t2i_r1", "itm_accuracy", "exact_match", "token_f1", "caption_loss", "query_cosine")
@@ -46,7 +46,7 @@ class PeriodicEval:
         self.objective = stage.objective
         model_spec = job.model
         try:
-            data = resolve_data([self.spec.data], None, job.data.storage)
+            data = resolve_data(_entries(self.spec.data), None, job.data.storage)
             check_tokens(data, self.objective, model_spec.qformer.max_text_length)
         except EvalError as err:
             raise ValueError(f"stages.{stage.name}.eval: {err}") from None
@@ -119,25 +119,51 @@ def stage_evaluator(job: JobSpec, stage: StageSpec, *, rank: int, world: int) ->
     return PeriodicEval(job, stage, rank=rank, world=world)
 
 
-def resolve_stage_evals(job: JobSpec) -> JobSpec:
-    """Check every stage's held-out data before training starts; returns the job with local
-    held-out paths made absolute (Ray Train workers run in another working directory).
+def resolve_stage_evals(job: JobSpec, held_out: tuple[Location, ...] = ()) -> JobSpec:
+    """Check every stage's held-out data before training starts; returns the job with
+    ``eval.data: held_out`` replaced by the ``held_out`` shards and local held-out paths made
+    absolute (Ray Train workers run in another working directory).
 
     Raises:
-        ValueError: missing held-out data, or tokens the model cannot use.
+        ValueError: missing held-out data, tokens the model cannot use, or fewer samples than
+            workers.
     """
     stages = []
     for stage in job.stages:
         if stage.eval is not None:
+            if stage.eval.data == HELD_OUT:
+                resolved = [shard.url for shard in held_out]
+            elif isinstance(stage.eval.data, str):
+                resolved = Location.of(stage.eval.data, job.data.storage).url
+            else:
+                resolved = [Location.of(entry, job.data.storage).url for entry in stage.eval.data]
             try:
-                data = resolve_data([stage.eval.data], None, job.data.storage)
+                data = resolve_data(_entries(resolved), None, job.data.storage)
                 check_tokens(data, stage.objective, job.model.qformer.max_text_length)
             except EvalError as err:
                 raise ValueError(f"stages.{stage.name}.eval: {err}") from None
-            absolute = Location.of(stage.eval.data, job.data.storage).url
-            stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": absolute})})
+            samples = _samples_up_to(data.shards, job.scaling.workers)
+            if samples < job.scaling.workers:
+                raise ValueError(f"stages.{stage.name}.eval: {samples} held-out samples cannot be shared "
+                                 f"by {job.scaling.workers} workers")
+            stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": resolved})})
         stages.append(stage)
     return job.model_copy(update={"stages": stages})
+
+
+def _samples_up_to(shards: tuple[Location, ...], wanted: int) -> int:
+    """The shards' rows, counted from their footers in corpus order until ``wanted`` are seen
+    (a large held-out folder on object storage is not listed footer by footer)."""
+    total = 0
+    for shard in shards:
+        total += count_rows((shard,))
+        if total >= wanted:
+            break
+    return total
+
+
+def _entries(data: str | list[str]) -> list[str]:
+    return [data] if isinstance(data, str) else list(data)
 
 
 def _gather(outputs: dict[str, np.ndarray], world: int) -> list[dict[str, np.ndarray]]:

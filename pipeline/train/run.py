@@ -24,13 +24,17 @@ from pipeline.checkpoint.format import COMPLETE, JOB, LOSS_PLOT, METADATA, METRI
 from pipeline.data.prepared import (
     MANIFEST, TOKEN_COLUMNS, read_rows, read_schema, shards_from_manifest, token_matrix,
 )
-from pipeline.errors import QformerError
+from pipeline.errors import EXIT_USAGE, QformerError
+from pipeline.eval.periodic import PREFIX as EVAL_PREFIX
 from pipeline.eval.periodic import resolve_stage_evals
 from pipeline.io.lease import hold_lease
-from pipeline.io.storage import Location, exists, read_bytes, remove_partial_writes, write_bytes_atomic
+from pipeline.io.storage import (
+    Location, exists, expand_inputs, read_bytes, remove_partial_writes, write_bytes_atomic,
+)
 from pipeline.ray_runtime import ensure_ray
 from pipeline.spec import JobSpec
 from pipeline.train.init_weights import check_init_sources, stage_init_source
+from pipeline.train.metrics import read_records
 from pipeline.train.resume import check_resumable, latest_checkpoint
 from pipeline.train.progress import PROGRESS
 from pipeline.train.task import FATAL, StageTask
@@ -62,6 +66,7 @@ def run_training(job: JobSpec) -> dict:
     with hold_lease(run_dir, purpose="qformer train", stale_after_s=job.run.lease_stale_after_s):
         finished = _check_resumes(job, run_dir)
         checked_inits = check_init_sources(job, run_dir)  # before any Ray work: a bad source is exit 2
+        _check_held_out_count(job)  # before any Ray work too, where the shards are known by now
         for leftover in remove_partial_writes(run_dir):
             log.info("train: removed %s, left half-written by a killed run", leftover)
         ensure_ray(job.run.ray_address)
@@ -70,11 +75,12 @@ def run_training(job: JobSpec) -> dict:
 
 def _train_curriculum(job: JobSpec, run_dir: Location, vision_note: str, finished: dict[str, dict],
                       checked_inits) -> dict:
-    shards = _training_shards(job, run_dir)
-    job = _resolve_evals(job)
+    shards, held_out = _split_held_out(job, _prepared_shards(job, run_dir))
+    job = _resolve_evals(job, held_out)
     launch = _record_launch(job, run_dir)
     _announce(job, run_dir)
-    summary = {"run": run_dir.url, "vision_tower": vision_note, "stages": []}
+    summary = {"run": run_dir.url, "vision_tower": vision_note, "held_out": [s.url for s in held_out],
+               "stages": []}
     previous: Location | None = None
     trackers = Trackers.open(job, run_dir)
     try:
@@ -143,19 +149,20 @@ def _announce(job: JobSpec, run_dir: Location) -> None:
 
 def resolve_model_paths(job: JobSpec) -> tuple[JobSpec, str]:
     """Make local model folders absolute (workers may run elsewhere) and apply the vision
-    tower's fallback when its ``name`` cannot be reached; returns the job and a note saying
+    tower's fallback when its ``name`` cannot be loaded; returns the job and a note saying
     which tower is used."""
     model = job.model
     vision = model.vision
     note = vision.name
-    if vision.fallback and not _loadable(vision.name):
+    reason = _unloadable_reason(vision.name) if vision.fallback else None
+    if reason is not None:
         log.warning(
-            "WARNING: vision tower %r is not reachable (no such folder, no hub access); using the "
-            "fallback %r, a randomly initialised tower: this run does NOT use pretrained vision "
-            "features", vision.name, vision.fallback,
+            "WARNING: vision tower %r cannot be loaded (%s); using the fallback %r, a randomly "
+            "initialised tower: this run does NOT use pretrained vision features",
+            vision.name, reason, vision.fallback,
         )
         vision = vision.model_copy(update={"name": vision.fallback})
-        note = f"{vision.fallback} (FALLBACK, randomly initialised: {model.vision.name} was not reachable)"
+        note = f"{vision.fallback} (FALLBACK, randomly initialised: {model.vision.name} cannot be loaded: {reason})"
     model = model.model_copy(update={
         "vision": vision.model_copy(update={"name": _absolute(vision.name)}),
         "qformer": model.qformer.model_copy(update={"bert": _absolute(model.qformer.bert)}),
@@ -168,19 +175,23 @@ def _absolute(name: str) -> str:
     return os.path.abspath(name) if os.path.isdir(name) else name
 
 
-def _loadable(name: str) -> bool:
+def _unloadable_reason(name: str) -> str | None:
+    """Why the tower ``name`` cannot be loaded (no such folder, no hub access, its package not
+    installed), in one line; ``None`` when its config loads."""
     from transformers import AutoConfig
 
-    from pipeline.assets import resolve_model
+    from pipeline.assets import AssetError, resolve_model
 
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        return f"no folder {name}"  # transformers would call it a malformed hub id
     try:
         AutoConfig.from_pretrained(resolve_model(name))
-    except (OSError, ValueError):
-        return False
-    return True
+    except (OSError, ValueError, AssetError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
 
 
-def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
+def _prepared_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
     if job.data.raw is not None:
         from pipeline.data.prep import run_prep
 
@@ -207,9 +218,47 @@ def _training_shards(job: JobSpec, run_dir: Location) -> tuple[Location, ...]:
     return shards
 
 
-def _resolve_evals(job: JobSpec) -> JobSpec:
+def _split_held_out(job: JobSpec, shards: tuple[Location, ...]) -> tuple[tuple[Location, ...], tuple[Location, ...]]:
+    """The training shards and the last ``data.held_out_shards`` kept out of training.
+
+    Raises:
+        TrainError: nothing would be left to train on (exit status 2).
+    """
+    count = job.data.held_out_shards
+    if count == 0:
+        return shards, ()
+    _check_held_out_fits(count, len(shards))
+    return shards[:-count], shards[-count:]
+
+
+def _check_held_out_count(job: JobSpec) -> None:
+    """``data.held_out_shards`` against the shards that are known before any cluster work: the
+    manifest of ``data.prepared``, or the raw inputs that ``data.raw`` prepares one to one."""
+    count = job.data.held_out_shards
+    if count == 0:
+        return
+    if job.data.prepared is not None:
+        manifest = Location.of(job.data.prepared, job.data.storage).child(MANIFEST)
+        if exists(manifest):
+            _check_held_out_fits(count, len(shards_from_manifest(manifest)))
+    else:
+        try:
+            inputs = expand_inputs(job.data.raw.inputs, job.data.raw.storage)
+        except FileNotFoundError:
+            return  # prep says which input is missing
+        _check_held_out_fits(count, len(inputs))
+
+
+def _check_held_out_fits(count: int, shards: int) -> None:
+    if count >= shards:
+        raise TrainError(f"data.held_out_shards: {count} would hold out all {shards} prepared shards; "
+                         f"at most {shards - 1} can be held out, leaving one to train on",
+                         exit_status=EXIT_USAGE)
+
+
+def _resolve_evals(job: JobSpec, held_out: tuple[Location, ...]) -> JobSpec:
     try:
-        return resolve_stage_evals(job)
+        return resolve_stage_evals(job, held_out)
     except ValueError as err:
         raise TrainError(str(err)) from None
 
@@ -281,7 +330,18 @@ def _run_stage(job: JobSpec, index: int, run_dir: Location, shards, init, launch
         "wall_time_s": round(time.monotonic() - started, 1),
         "metrics": run_dir.child(stage.name, METRICS).url,
         "plot": run_dir.child(stage.name, LOSS_PLOT).url,
+        "held_out": _last_evaluation(run_dir.child(stage.name, METRICS)),
     }
+
+
+def _last_evaluation(metrics: Location) -> dict | None:
+    """The stage's last held-out evaluation (``eval_*`` fields without the prefix, and its step),
+    or None when the stage has no ``eval`` section."""
+    evaluations = [record for record in read_records(metrics) if EVAL_PREFIX + "samples" in record]
+    if not evaluations:
+        return None
+    last = evaluations[-1]
+    return {"step": last["step"], **{k[len(EVAL_PREFIX):]: v for k, v in last.items() if k.startswith(EVAL_PREFIX)}}
 
 
 def _fit(job: JobSpec, task: StageTask, board):

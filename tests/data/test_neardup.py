@@ -187,3 +187,16 @@ def test_the_distributed_search_on_ray_data_equals_the_driver_search(ray_2cpus, 
         found[name] = {k: v for shard in ("s0", "s1", "s2") for k, v in load_near_duplicates(target, shard).items()}
         assert len(found[name]) > 20
     assert found["shuffle"] == found["driver"]
+
+
+def test_a_transparent_image_hashes_like_its_copy_on_white():
+    """Prep's output composites transparency onto white, and so does a JPEG copy of a transparent
+    PNG; the hidden colour of transparent pixels (black here) must not count."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((20, 20, 76, 76), fill=(200, 40, 40, 255))
+    on_white = Image.new("RGB", image.size, (255, 255, 255))
+    on_white.paste(image, mask=image.getchannel("A"))
+    hasher = ImageHasher(SPEC)
+    assert hamming(as_words([hasher.hash_image(image)]), as_words([hasher.hash_image(on_white)]))[0] == 0

@@ -222,3 +222,42 @@ def test_deepspeed_overrides_keep_ordinary_keys():
         "deepspeed.overrides.data_efficiency.data_routing.random_ltd.layer_token_lr_schedule.enabled=false",
     ])
     assert spec.deepspeed.overrides["steps_per_print"] == 10
+
+
+def _training_job(held_out_shards, eval_data) -> dict:
+    stage = {"name": "s1", "losses": {"itc": 1.0}, "steps": 1, "batch_size": 1,
+             "eval": {"data": eval_data, "every": 1}}
+    return {"run": {"name": "r"}, "data": {"prepared": "p", "held_out_shards": held_out_shards}, "stages": [stage]}
+
+
+@pytest.mark.parametrize("held_out_shards, eval_data, message", [
+    (-1, "held_out", "data.held_out_shards: Input should be greater than or equal to 0"),
+    ("some", "held_out", "data.held_out_shards: Input should be a valid integer"),
+    (0, "held_out", "stages.0.eval.data: held_out needs data.held_out_shards > 0"),
+    (1, ["held/test", "held_out"], "stages.0.eval.data: held_out names the held-out shards on its own, not in a list"),
+    (1, [], "stages.0.eval.data: name a held-out folder or glob, or held_out"),
+])
+def test_held_out_fields_are_named(tmp_path, held_out_shards, eval_data, message):
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, _training_job(held_out_shards, eval_data)), JobSpec)
+    assert message in str(err.value)
+    assert "(1 problem(s))" in str(err.value)
+
+
+def test_held_out_shards_and_eval_data_forms_validate(tmp_path):
+    spec = load_spec(_write(tmp_path, _training_job(2, "held_out")), JobSpec)
+    assert spec.data.held_out_shards == 2 and spec.stages[0].eval.data == "held_out"
+    spec = load_spec(_write(tmp_path, _training_job(0, ["a", "b/*.parquet"])), JobSpec)
+    assert spec.stages[0].eval.data == ["a", "b/*.parquet"]
+    # the form a worker receives: held_out resolved to the shards' URLs
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_train_with_a_bad_held_out_count_exits_2_before_any_ray_work(tmp_path):
+    path = _write(tmp_path, _training_job(-2, "held_out"))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", str(path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "data.held_out_shards: Input should be greater than or equal to 0" in result.stderr
+    assert "ray" not in result.stderr.lower() and time.monotonic() - started < 60

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import psutil
 from pipeline.assets import tiny_model_section
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
+from tests.helpers import REPO
 
 NEWCOMER_COMMANDS = (
     "qformer demo-corpus data/demo/raw",
@@ -23,6 +25,23 @@ NEWCOMER_COMMANDS = (
 )
 """Commands of the docs that tests/train/test_user_view.py runs, in this order, in a folder
 holding a copy of jobs/."""
+
+README_MAIN_JOB = re.compile(r"^bash \.ci/install && (qformer demo-corpus .*)$", re.MULTILINE)
+
+
+def readme_main_job() -> list[str]:
+    """The ``qformer`` commands of the README's main job, in order: the newcomer test
+    (tests/train/test_newcomer_demo.py) runs them on a fresh copy of the repository."""
+    return README_MAIN_JOB.search((REPO / "README.md").read_text()).group(1).split(" && ")
+
+
+DEMO_FOLLOW_UP_COMMANDS = (
+    "qformer status runs/demo",
+    "qformer eval runs/demo/stage1 --data data/demo/prepared/00006.parquet --max-samples 128",
+    "qformer export runs/demo/stage2 out/demo-stage2",
+)
+"""What the README and docs tell a newcomer to run after the main job; the newcomer test
+(tests/train/test_newcomer_demo.py) runs them, in this order, on the main job's run."""
 
 
 def tiny_job(name: str, storage: str, prepared: str, *, zero_stage: int = 2,

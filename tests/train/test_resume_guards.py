@@ -43,12 +43,14 @@ def test_changes_to_what_a_stage_trains_are_refused_naming_each_field(saved):
     changed["stages"][0]["batch_size"] = 8
     changed["stages"][0]["optimizer"]["lr"] = 5e-4
     changed["model"]["qformer"]["num_query_tokens"] = 8
+    changed["data"]["held_out_shards"] = 1  # other shards to train on
     with pytest.raises(SpecChanged) as refused:
         check_resumable(job_spec(changed), 0, Location.of(str(checkpoint)))
     message = str(refused.value)
     assert "stages.0.batch_size: 4 in the checkpoint, 8 now" in message
     assert "stages.0.optimizer.lr: 0.001 in the checkpoint, 0.0005 now" in message
     assert "model.qformer.num_query_tokens: 4 in the checkpoint, 8 now" in message
+    assert "data.held_out_shards: 0 in the checkpoint, 1 now" in message
 
 
 def test_harmless_and_accepted_changes_pass_and_are_listed(saved):

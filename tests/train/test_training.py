@@ -39,12 +39,14 @@ def _tensor_bytes(path: Path) -> int:
 def test_two_stage_curriculum_end_to_end_under_zero3_bf16(prepared_demo, tmp_path):
     # GPU's configuration; ZeRO-2 fp32 runs end to end in test_user_view (jobs/demo_tiny.yaml).
     raw = in_bf16(tiny_job("curriculum", str(tmp_path), prepared_demo, zero_stage=3))
-    for stage in raw["stages"]:  # periodic held-out evaluation (the training data stands in)
-        stage["eval"] = {"data": prepared_demo, "every": 3, "max_samples": 12, "batch_size": 4,
+    raw["data"]["held_out_shards"] = 1  # the last of 4 shards: periodic held-out evaluation on it
+    for stage in raw["stages"]:
+        stage["eval"] = {"data": "held_out", "every": 3, "max_samples": 12, "batch_size": 4,
                          "itm_top_k": 2, "max_new_tokens": 3}
     job = job_spec(raw)
     summary = run_training(job)
     run = tmp_path / "curriculum"
+    assert summary["held_out"] == [f"{prepared_demo}/00003.parquet"]
 
     assert [s["stage"] for s in summary["stages"]] == ["stage1", "stage2"]
     assert [s["step"] for s in summary["stages"]] == [6, 4]
@@ -55,6 +57,9 @@ def test_two_stage_curriculum_end_to_end_under_zero3_bf16(prepared_demo, tmp_pat
         evals = [r for r in all_records if "eval_samples" in r]
         assert [r["step"] for r in evals] == [3, steps] and all(r["eval_samples"] == 12 for r in evals)
         assert all(evaluated[stage] <= set(r) for r in evals)
+        [done] = [s for s in summary["stages"] if s["stage"] == stage]  # the summary's figures: the last
+        assert done["held_out"] == {"step": steps, **{k[len("eval_"):]: v for k, v in evals[-1].items()
+                                                      if k.startswith("eval_")}}
         records = [r for r in all_records if "loss" in r]
         assert [r["step"] for r in records] == list(range(1, steps + 1))
         assert losses <= set(records[0]) and {"lr", "samples_per_s", "tokens_per_s", "data_wait_s"} <= set(records[0])
