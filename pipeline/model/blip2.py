@@ -23,8 +23,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from pipeline.model.distributed import DistContext, all_gather, all_gather_with_grad, fetch_rows
-from pipeline.model.frozen import FrozenTowers, ParameterCounts, count_parameters
-from pipeline.model.llm import load_language_model
+from pipeline.model.frozen import ParameterCounts, count_parameters
 from pipeline.model.losses import (
     contrastive_loss,
     generation_loss,
@@ -42,12 +41,8 @@ from pipeline.model.qformer import (
     qformer_config,
     unilm_attention_mask,
 )
-from pipeline.model.vision import (
-    adopt_output_norm,
-    encode_images,
-    load_vision_tower,
-    vision_width,
-)
+from pipeline.model.towers import load_frozen_towers
+from pipeline.model.vision import adopt_output_norm, encode_images, vision_width
 from pipeline.spec.losses import Objective, losses_of
 from pipeline.spec.model import ModelSpec
 
@@ -163,11 +158,9 @@ class Blip2Pretrainer(nn.Module):
                              for name in names}
         q_spec = spec.qformer
 
-        # Beside the trainable modules, not among them: see FrozenTowers.
-        self.towers = FrozenTowers(
-            load_vision_tower(spec.vision, weights=tower_weights),
-            load_language_model(spec.llm, weights=tower_weights) if objective == 2 else None,
-        )
+        # Beside the trainable modules, not among them (see FrozenTowers); mapped from one file
+        # per node, drawing no random numbers.
+        self.towers = load_frozen_towers(spec, objective, weights=tower_weights)
         self.ln_vision = nn.LayerNorm(vision_width(self.vision_model))
         adopt_output_norm(self.vision_model, self.ln_vision)
 
