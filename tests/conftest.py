@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback, the prepared demo corpus.
+"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback, the prepared demo corpus and
+the prepared bad corpus.
 Helpers that tests import live in ``tests/helpers.py``."""
 
 from __future__ import annotations
@@ -75,3 +76,21 @@ def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
     spec = validate_spec(demo_prep_spec(root), JobSpec).prep
     run_prep(spec)
     return str(root / "prepared")
+
+
+@pytest.fixture(scope="session")
+def prepared_bad_corpus(ray_2cpus, tmp_path_factory):
+    """The bad corpus of ``tests/data/corpus.py`` prepared once for every test that reads it:
+    (prep spec, the manifest that run returned, output folder). Its inputs name the shards with a
+    brace pattern. A test may re-run the same spec (which skips every shard) or try another spec
+    on the folder (which is refused), and must leave the folder otherwise as it is."""
+    from pipeline.data.prep import run_prep
+    from pipeline.spec import JobSpec
+    from pipeline.spec.loader import validate_spec
+    from tests.data.corpus import bad_corpus_spec, write_bad_corpus
+
+    root = tmp_path_factory.mktemp("bad")
+    write_bad_corpus(root / "raw")
+    spec = validate_spec(bad_corpus_spec([str(root / "raw" / "{00000..00002}.tar")], str(root / "out")),
+                         JobSpec).prep
+    return spec, run_prep(spec), root / "out"
