@@ -45,6 +45,14 @@ def ray_2cpus():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_2cpus) -> str:
+    """The address of the session's Ray, for a ``qformer`` process of a test to join as its
+    ``RAY_ADDRESS`` instead of starting (and paying for) a Ray of its own. Tests that kill such a
+    process together with its Ray keep ``RAY_ADDRESS=local``."""
+    return ray_2cpus.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint (moto's server) on loopback, with bucket ``test-bucket``."""
     from moto.server import ThreadedMotoServer
