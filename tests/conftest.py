@@ -17,6 +17,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller polls its workers every 2 s by default: a stage's end, and each checkpoint
+# reported while the previous report still waits in the worker's one-slot queue, wait for the next
+# poll. Tiny test stages report every few hundred milliseconds; polling more often saves seconds
+# per `qformer train` stage and changes nothing else (a missed poll is not a failure; workers are
+# declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 RAY_FIXTURES = frozenset({"ray_2cpus", "ray_head"})
