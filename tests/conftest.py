@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback, the prepared demo corpus.
+"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback, the prepared demo corpus and
+the prepared bad corpus.
 Helpers that tests import live in ``tests/helpers.py``."""
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller polls its workers every 2 s by default: a stage's end, and each checkpoint
+# reported while the previous report still waits in the worker's one-slot queue, wait for the next
+# poll. Tiny test stages report every few hundred milliseconds; polling more often saves seconds
+# per `qformer train` stage and changes nothing else (a missed poll is not a failure; workers are
+# declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 RAY_FIXTURES = frozenset({"ray_2cpus", "ray_head"})
@@ -66,6 +73,14 @@ def ray_2cpus():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_2cpus) -> str:
+    """The address of the session's Ray, for a ``qformer`` process of a test to join as its
+    ``RAY_ADDRESS`` instead of starting (and paying for) a Ray of its own. Tests that kill such a
+    process together with its Ray keep ``RAY_ADDRESS=local``."""
+    return ray_2cpus.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint (moto's server) on loopback, with bucket ``test-bucket``."""
     from moto.server import ThreadedMotoServer
@@ -97,3 +112,21 @@ def prepared_demo(ray_2cpus, tmp_path_factory) -> str:
     spec = validate_spec(demo_prep_spec(root), JobSpec).prep
     run_prep(spec)
     return str(root / "prepared")
+
+
+@pytest.fixture(scope="session")
+def prepared_bad_corpus(ray_2cpus, tmp_path_factory):
+    """The bad corpus of ``tests/data/corpus.py`` prepared once for every test that reads it:
+    (prep spec, the manifest that run returned, output folder). Its inputs name the shards with a
+    brace pattern. A test may re-run the same spec (which skips every shard) or try another spec
+    on the folder (which is refused), and must leave the folder otherwise as it is."""
+    from pipeline.data.prep import run_prep
+    from pipeline.spec import JobSpec
+    from pipeline.spec.loader import validate_spec
+    from tests.data.corpus import bad_corpus_spec, write_bad_corpus
+
+    root = tmp_path_factory.mktemp("bad")
+    write_bad_corpus(root / "raw")
+    spec = validate_spec(bad_corpus_spec([str(root / "raw" / "{00000..00002}.tar")], str(root / "out")),
+                         JobSpec).prep
+    return spec, run_prep(spec), root / "out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,11 +12,11 @@ from tests.helpers import REPO
 
 
 @pytest.mark.slow
-def test_bench_train_reports_each_round_and_the_spread_on_a_quiet_console(tmp_path):
-    result = subprocess.run(
+def test_bench_train_reports_each_round_and_the_spread_on_a_quiet_console(ray_address, tmp_path):
+    result = subprocess.run(  # joins the session's Ray rather than starting one
         [sys.executable, "-m", "pipeline", "bench", "train", "--rounds", "2", "--steps", "8",
          "--batch-size", "4", "--workdir", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_address}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout.splitlines()
     rounds = [line for line in out if line.startswith("round ")]

@@ -23,11 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.data.prep import run_prep
-from pipeline.spec import JobSpec
-from pipeline.spec.loader import validate_spec
 from pipeline.train.run import TrainError, run_training
-from tests.data.corpus import bad_corpus_spec, write_bad_corpus
+from tests.data.corpus import bad_corpus_spec
 from tests.train.helpers import in_bf16, job_spec, tiny_job, train_worker_pids, wait_for_registered_checkpoint
 
 
@@ -57,13 +54,12 @@ def _rows(folder: Path) -> dict[str, dict]:
     return rows
 
 
-def test_prep_on_two_nodes_equals_one_node(ray_2cpus, two_nodes, tmp_path):
+def test_prep_on_two_nodes_equals_one_node(prepared_bad_corpus, two_nodes, tmp_path):
     cluster = two_nodes
-    inputs = [str(p) for p in write_bad_corpus(tmp_path / "raw")]
-    one_node = run_prep(validate_spec(bad_corpus_spec(inputs, str(tmp_path / "one")), JobSpec).prep)
+    one_spec, one_node, one_out = prepared_bad_corpus  # prepared on the session's one-node Ray
 
     spec = tmp_path / "prep.yaml"
-    spec.write_text(yaml.safe_dump(bad_corpus_spec(inputs, str(tmp_path / "two"))))
+    spec.write_text(yaml.safe_dump(bad_corpus_spec(list(one_spec.inputs), str(tmp_path / "two"))))
     process = _qformer("prep", spec, cluster.address)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
@@ -71,7 +67,7 @@ def test_prep_on_two_nodes_equals_one_node(ray_2cpus, two_nodes, tmp_path):
     two_nodes_manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert two_nodes_manifest["drops"] == one_node["drops"]
     assert two_nodes_manifest["totals"] == one_node["totals"] and one_node["totals"]["samples_out"] > 0
-    assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
+    assert _rows(tmp_path / "two") == _rows(one_out)
 
 
 STEPS = 40  # enough that a kill at the first checkpoint lands mid-stage

@@ -137,20 +137,20 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
     process.wait()
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_output(prepared_demo, checkpoints, curated, tmp_path):
+def test_a_killed_run_resumes_to_the_uninterrupted_output(prepared_demo, checkpoints, curated, ray_address, tmp_path):
     reference, _ = curated
     out = tmp_path / "out"
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(curate_section(prepared_demo, str(out), checkpoints)))
-    env = {**os.environ, "RAY_ADDRESS": "local"}
+    def start(address: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "curate", str(spec_path)],
+                                env={**os.environ, "RAY_ADDRESS": address}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "pipeline", "curate", str(spec_path)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-    # Killed once a shard's synthetic captions are written (the others are not yet ranked).
-    _kill_when(start(), lambda: any((out / "_work" / "captions").glob("*.parquet")))
-    final = start()
+    # Killed once a shard's synthetic captions are written (the others are not yet ranked), with
+    # the Ray it started; the run that finishes joins the session's Ray.
+    _kill_when(start("local"), lambda: any((out / "_work" / "captions").glob("*.parquet")))
+    final = start(ray_address)
     _, stderr = final.communicate(timeout=900)
     assert final.returncode == 0, stderr
     assert shard_tables(out) == shard_tables(reference)

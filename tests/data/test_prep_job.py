@@ -14,21 +14,17 @@ from pipeline.data.tokenize import CaptionTokenizer
 from pipeline.spec import JobSpec
 from pipeline.spec.loader import validate_spec
 from tests.helpers import jpeg_bytes, sample_members, write_tar
-from tests.data.corpus import EXPECTED_DROPS, EXPECTED_KEPT, bad_corpus_spec, write_bad_corpus
+from tests.data.corpus import EXPECTED_DROPS, EXPECTED_KEPT, bad_corpus_spec
 
 
 def _prep_spec(raw: dict):
     return validate_spec(raw, JobSpec).prep
 
 
-@pytest.fixture(scope="module")
-def prepared(ray_2cpus, tmp_path_factory):
-    """The bad corpus, prepared once for the tests of this module."""
-    root = tmp_path_factory.mktemp("bad")
-    write_bad_corpus(root / "raw")
-    spec = _prep_spec(bad_corpus_spec([str(root / "raw" / "{00000..00002}.tar")], str(root / "out")))
-    manifest = run_prep(spec)
-    return spec, manifest, root / "out"
+@pytest.fixture
+def prepared(prepared_bad_corpus):
+    """The bad corpus, prepared once for the session (tests/conftest.py)."""
+    return prepared_bad_corpus
 
 
 def test_every_drop_reason_is_counted(prepared):

@@ -14,10 +14,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.data.phash import ImageHasher, as_words, earliest_near
-from pipeline.data.prep import run_prep
 from pipeline.spec import JobSpec, load_spec
-from pipeline.spec.loader import validate_spec
-from tests.data.corpus import EXPECTED_DROPS, EXPECTED_KEPT, bad_corpus_spec, write_bad_corpus
+from tests.data.corpus import EXPECTED_DROPS, EXPECTED_KEPT
 from tests.data.helpers import demo_images, variants
 from tests.helpers import REPO, sample_members, write_tar
 
@@ -26,10 +24,9 @@ def provenance(out) -> list[dict]:
     return pads.dataset(str(out / "provenance"), format="parquet").to_table().to_pylist()
 
 
-def test_every_input_sample_has_a_provenance_row_with_its_status(ray_2cpus, tmp_path):
-    raw = bad_corpus_spec([str(path) for path in write_bad_corpus(tmp_path / "raw")], str(tmp_path / "out"))
-    manifest = run_prep(validate_spec(raw, JobSpec).prep)
-    rows = provenance(tmp_path / "out")
+def test_every_input_sample_has_a_provenance_row_with_its_status(prepared_bad_corpus):
+    _, manifest, out = prepared_bad_corpus
+    rows = provenance(out)
     assert len(rows) == manifest["totals"]["samples_in"]
     assert Counter(row["status"] for row in rows) == Counter({**EXPECTED_DROPS, "kept": len(EXPECTED_KEPT)})
     kept = {row["key"]: row for row in rows if row["status"] == "kept"}
@@ -41,8 +38,8 @@ def test_every_input_sample_has_a_provenance_row_with_its_status(ray_2cpus, tmp_
     assert all(row["content_hash"] in kept_hashes for row in duplicates)  # the copy of a kept sample
     for stats in manifest["shards"]:
         shard_rows = [row for row in rows if row["source"] == json.loads(
-            (tmp_path / "out" / f"{stats['name']}.stats.json").read_text())["input"]]
-        assert len(shard_rows) == json.loads((tmp_path / "out" / f"{stats['name']}.stats.json").read_text())["samples_in"]
+            (out / f"{stats['name']}.stats.json").read_text())["input"]]
+        assert len(shard_rows) == json.loads((out / f"{stats['name']}.stats.json").read_text())["samples_in"]
 
 
 def jpeg(image: Image.Image, quality: int = 95) -> bytes:

@@ -51,8 +51,8 @@ def _rows(out: Path) -> dict[str, tuple]:
     return rows
 
 
-def _start(spec_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": "local"}
+def _start(spec_path: Path, ray_address: str = "local") -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     return subprocess.Popen([sys.executable, "-m", "pipeline", "prep", str(spec_path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -79,7 +79,7 @@ def _settled_count(count, quiet_s: float = 3.0) -> int:
     return last
 
 
-def test_killed_runs_resume_to_the_uninterrupted_output(ray_2cpus, tmp_path):
+def test_killed_runs_resume_to_the_uninterrupted_output(ray_2cpus, ray_address, tmp_path):
     _corpus(tmp_path / "raw")
     reference = run_prep(validate_spec(_spec(tmp_path / "raw", tmp_path / "ref"), JobSpec).prep)
     assert reference["drops"] == {"duplicate": REPEATS}
@@ -95,7 +95,7 @@ def test_killed_runs_resume_to_the_uninterrupted_output(ray_2cpus, tmp_path):
     done_before_last_run = _settled_count(lambda: len(list(out.glob("*.stats.json"))))
     assert 2 <= done_before_last_run < SHARDS
 
-    final = _start(spec_path)
+    final = _start(spec_path, ray_address)  # not killed: it joins the session's Ray
     _, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr
     assert f"{done_before_last_run} done already" in stderr

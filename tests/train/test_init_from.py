@@ -83,7 +83,7 @@ def test_an_unrelated_checkpoint_stops_train_with_one_line_before_ray(tmp_path):
     assert not (tmp_path / "runs" / "init" / "stage1").exists()  # the run folder holds only its lease
 
 
-def test_a_stage_starts_from_a_transformers_blip2_folder(prepared_demo, tmp_path):
+def test_a_stage_starts_from_a_transformers_blip2_folder(prepared_demo, ray_address, tmp_path):
     raw = _one_stage(tmp_path, "", init_from_allow_missing=HUB_RETRIEVAL_GAPS)
     raw["data"]["prepared"] = prepared_demo
     folder, released = _released_retrieval_model(tmp_path, raw)
@@ -91,7 +91,7 @@ def test_a_stage_starts_from_a_transformers_blip2_folder(prepared_demo, tmp_path
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(raw))
     result = subprocess.run([sys.executable, "-m", "pipeline", "train", str(spec)], capture_output=True,
-                            text=True, env={**os.environ, "RAY_ADDRESS": "local"}, timeout=500)
+                            text=True, env={**os.environ, "RAY_ADDRESS": ray_address}, timeout=500)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     model = Blip2Pretrainer(job_spec(raw).model, objective=1)

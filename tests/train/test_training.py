@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,17 +37,33 @@ def _tensor_bytes(path: Path) -> int:
     return len(data) - 8 - int.from_bytes(data[:8], "little")
 
 
-def test_two_stage_curriculum_end_to_end_under_zero3_bf16(prepared_demo, tmp_path):
+@dataclass(frozen=True)
+class Curriculum:
+    raw: dict
+    summary: dict
+    run: Path
+
+
+@pytest.fixture(scope="module")
+def curriculum(prepared_demo, tmp_path_factory) -> Curriculum:
+    """The tiny two-stage curriculum under ZeRO-3 bf16 with periodic evaluation, trained once for
+    the module. The tests that read the finished run come before the one that continues it
+    (pytest runs a module's tests in file order)."""
     # GPU's configuration; ZeRO-2 fp32 runs end to end in test_user_view (jobs/demo_tiny.yaml).
-    raw = in_bf16(tiny_job("curriculum", str(tmp_path), prepared_demo, zero_stage=3))
+    storage = tmp_path_factory.mktemp("curriculum")
+    raw = in_bf16(tiny_job("curriculum", str(storage), prepared_demo, zero_stage=3))
     raw["data"]["held_out_shards"] = 1  # the last of 4 shards: periodic held-out evaluation on it
     for stage in raw["stages"]:
         stage["eval"] = {"data": "held_out", "every": 3, "max_samples": 12, "batch_size": 4,
                          "itm_top_k": 2, "max_new_tokens": 3}
+    summary = run_training(job_spec(raw))
+    return Curriculum(raw, summary, storage / "curriculum")
+
+
+def test_two_stage_curriculum_end_to_end_under_zero3_bf16(curriculum):
+    raw, summary, run = curriculum.raw, curriculum.summary, curriculum.run
     job = job_spec(raw)
-    summary = run_training(job)
-    run = tmp_path / "curriculum"
-    assert summary["held_out"] == [f"{prepared_demo}/00003.parquet"]
+    assert summary["held_out"] == [f"{raw['data']['prepared']}/00003.parquet"]
 
     assert [s["stage"] for s in summary["stages"]] == ["stage1", "stage2"]
     assert [s["step"] for s in summary["stages"]] == [6, 4]
@@ -107,19 +124,19 @@ def test_two_stage_curriculum_end_to_end_under_zero3_bf16(prepared_demo, tmp_pat
     assert moved_from_stage1 < distance_to_fresh
 
 
-def test_raising_steps_continues_a_finished_stage_and_a_torn_metrics_line_is_dropped(prepared_demo, tmp_path):
-    raw = tiny_job("longer", str(tmp_path), prepared_demo, stage1_steps=4, stage2_steps=None, checkpoint_every=2)
-    first = run_training(job_spec(raw))
-    stage = tmp_path / "longer" / "stage1"
-    assert first["stages"][0]["step"] == 4
+def test_raising_steps_continues_a_finished_stage_and_a_torn_metrics_line_is_dropped(curriculum):
+    # The finished curriculum's last stage, continued (after the test above has read the run).
+    raw, first, stage = json.loads(json.dumps(curriculum.raw)), curriculum.summary, curriculum.run / "stage2"
+    assert first["stages"][1]["step"] == 4
     with open(stage / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 5, "lo')  # a writer killed mid-line
 
-    raw["stages"][0]["steps"] = 6
+    raw["stages"][1]["steps"] = 6
     second = run_training(job_spec(raw))
-    assert second["stages"][0]["step"] == 6
+    assert second["stages"][0]["checkpoint"] == first["stages"][0]["checkpoint"], "the finished stage 1 is kept"
+    assert second["stages"][1]["step"] == 6
     assert json.loads((stage / "complete.json").read_text())["step"] == 6
-    final = json.loads(Path(second["stages"][0]["checkpoint"], "metadata.json").read_text())
+    final = json.loads(Path(second["stages"][1]["checkpoint"], "metadata.json").read_text())
     assert final["resumed_from_step"] == 4
     assert [r["step"] for r in _metrics(stage / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
 

@@ -107,22 +107,31 @@ def test_newcomer_commands_show_only_our_lines_and_the_run_is_in_tensorboard_mlf
     assert results[NEWCOMER_COMMANDS[3]].stdout.startswith(f"run {run}: finished\n")
 
 
-def _status(run: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "pipeline", "status", str(run), "--json"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+def _status(run: Path, capsys, *options: str) -> str:
+    """``qformer status RUN [OPTIONS]``'s output, run in this process (a reader of the run folder
+    like any other; this saves starting a Python with torch for each look)."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(["status", str(run), *options])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
 
 
-def _start_train(spec: Path) -> subprocess.Popen:
+def _start_train(spec: Path, ray_address: str = "local") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(spec)],
-                            env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.PIPE,
+                            env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_a_killed_driver_resumes_with_identical_losses_and_status_follows_it(prepared_demo, tmp_path):
+def test_a_killed_driver_resumes_with_identical_losses_and_status_follows_it(prepared_demo, ray_address, tmp_path,
+                                                                             capsys, monkeypatch):
     """``qformer status`` on a running, a killed and a resumed finished run; the resumed run's
-    losses are those of an undisturbed one (bf16) and its log shows every step once."""
+    losses are those of an undisturbed one (bf16) and its log shows every step once. The killed
+    command started a Ray of its own (killed with it); the resuming one joins the session's."""
+    for name in ("RAY_DEDUP_LOGS", "RAY_COLOR_PREFIX"):  # what `qformer` sets in its process
+        monkeypatch.setenv(name, "0")
     job = in_bf16(tiny_job("watched", str(tmp_path), prepared_demo, stage1_steps=40, stage2_steps=None,
                            checkpoint_every=8))
     reference = run_training(job_spec({**job, "run": {**job["run"], "name": "reference"}}))
@@ -134,7 +143,7 @@ def test_a_killed_driver_resumes_with_identical_losses_and_status_follows_it(pre
     first = _start_train(spec)
     wait_for_registered_checkpoint(fsspec.filesystem("file"), str(stage), lambda: first.poll() is None)
 
-    running = _status(run)
+    running = json.loads(_status(run, capsys, "--json"))
     assert running["state"] == "running", running
     assert running["lease"]["held"] and running["lease"]["purpose"] == "qformer train"
     [now] = running["stages"]
@@ -146,15 +155,14 @@ def test_a_killed_driver_resumes_with_identical_losses_and_status_follows_it(pre
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (stage / "complete.json").exists()
-    killed = _status(run)
+    killed = json.loads(_status(run, capsys, "--json"))
     assert killed["state"] == "stopped" and not killed["lease"]["held"]
     assert "is gone" in killed["lease"]["stale_reason"]
     assert killed["stages"][0]["state"] == "stopped" and killed["stages"][0]["eta_s"] is None
-    text = subprocess.run([sys.executable, "-m", "pipeline", "status", str(run)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120).stdout
+    text = _status(run, capsys)
     assert f"run {run}: stopped" in text and "run the same qformer train command again to resume" in text
 
-    second = _start_train(spec)
+    second = _start_train(spec, ray_address)
     output, _ = second.communicate(timeout=400)
     assert second.returncode == 0, output
     start = int(re.search(r"\[stage1\] resumed at step (\d+)/40", output).group(1))  # on the console
@@ -166,7 +174,7 @@ def test_a_killed_driver_resumes_with_identical_losses_and_status_follows_it(pre
     for mine, theirs in zip(resumed, expected):
         for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "samples_seen"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
-    finished = _status(run)
+    finished = json.loads(_status(run, capsys, "--json"))
     assert finished["state"] == "finished" and finished["lease"] is None and finished["launches"] == 2
     [done] = finished["stages"]
     assert (done["state"], done["step"], done["starts"], done["resumes"], done["worker_restarts"]) == (
