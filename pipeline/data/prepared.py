@@ -215,8 +215,10 @@ def read_schema(shard: Location) -> pa.Schema:
         raise PreparedDataError(f"{shard.url}: not a readable prepared shard ({err})") from None
 
 
-def count_rows(shards: tuple[Location, ...]) -> int:
-    """How many rows the shards hold (their footers only).
+def count_rows(shards: tuple[Location, ...], up_to: int | None = None) -> int:
+    """How many rows the shards hold, read from their footers in corpus order; with ``up_to``,
+    the count stops at the first shard that reaches it (a large folder on object storage is
+    not read footer by footer).
 
     Raises:
         PreparedDataError: a shard is not a readable Parquet file.
@@ -229,6 +231,8 @@ def count_rows(shards: tuple[Location, ...]) -> int:
                 total += pq.ParquetFile(handle).metadata.num_rows
         except (pa.ArrowException, OSError) as err:
             raise PreparedDataError(f"{shard.url}: not a readable prepared shard ({err})") from None
+        if up_to is not None and total >= up_to:
+            break
     return total
 
 

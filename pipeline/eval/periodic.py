@@ -142,24 +142,13 @@ def resolve_stage_evals(job: JobSpec, held_out: tuple[Location, ...] = ()) -> Jo
                 check_tokens(data, stage.objective, job.model.qformer.max_text_length)
             except EvalError as err:
                 raise ValueError(f"stages.{stage.name}.eval: {err}") from None
-            samples = _samples_up_to(data.shards, job.scaling.workers)
+            samples = count_rows(data.shards, up_to=job.scaling.workers)
             if samples < job.scaling.workers:
                 raise ValueError(f"stages.{stage.name}.eval: {samples} held-out samples cannot be shared "
                                  f"by {job.scaling.workers} workers")
             stage = stage.model_copy(update={"eval": stage.eval.model_copy(update={"data": resolved})})
         stages.append(stage)
     return job.model_copy(update={"stages": stages})
-
-
-def _samples_up_to(shards: tuple[Location, ...], wanted: int) -> int:
-    """The shards' rows, counted from their footers in corpus order until ``wanted`` are seen
-    (a large held-out folder on object storage is not listed footer by footer)."""
-    total = 0
-    for shard in shards:
-        total += count_rows((shard,))
-        if total >= wanted:
-            break
-    return total
 
 
 def _entries(data: str | list[str]) -> list[str]:

@@ -37,11 +37,13 @@ def storage_error(err: BaseException, url: str) -> StorageError | None:
     """The one-line :class:`StorageError` for ``err`` met on ``url``, or None if ``err`` is not
     an access problem (a missing file, a bug)."""
     where = redact_url(url)
+    if isinstance(err, PermissionError):
+        return StorageError(f"{where}: access denied: {redact_text(str(err))}")
     try:  # only s3fs raises botocore's errors; local storage needs no botocore (a GPU machine, docs/gpu.md)
         from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
         from botocore.exceptions import NoCredentialsError, PartialCredentialsError
     except ImportError:
-        return StorageError(f"{where}: access denied: {redact_text(str(err))}") if isinstance(err, PermissionError) else None
+        return None
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(
             f"{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -49,8 +51,6 @@ def storage_error(err: BaseException, url: str) -> StorageError | None:
         )
     if isinstance(err, BotoConnectionError):
         return StorageError(f"{where}: cannot reach the storage endpoint: {redact_text(str(err))}")
-    if isinstance(err, PermissionError):
-        return StorageError(f"{where}: access denied: {redact_text(str(err))}")
     if isinstance(err, FileNotFoundError) and isinstance(err.__cause__, ClientError):
         code = err.__cause__.response.get("Error", {}).get("Code")
         if code == "NoSuchBucket":
