@@ -83,3 +83,11 @@ def test_unreachable_endpoint_is_one_clear_error():
 def test_missing_bucket_is_not_taken_for_a_missing_file(s3_endpoint):
     with pytest.raises(StorageError, match="bucket does not exist"):
         expand_inputs(["s3://no-such-bucket/raw/00000.tar"], StorageSpec(endpoint_url=s3_endpoint))
+
+
+def test_a_local_path_below_a_file_does_not_exist(tmp_path):
+    shard = tmp_path / "00000.parquet"
+    shard.write_bytes(b"PAR1")
+    # eval and held-out data given as a .parquet file: its "manifest.json" is looked for first
+    assert storage.exists(Location.of(str(shard / "manifest.json"))) is False
+    assert storage.exists(Location.of(str(shard))) is True
